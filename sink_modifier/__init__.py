@@ -1,0 +1,16 @@
+"""Sink-aware pruning for diffusion language models, as an llm-compressor plugin.
+
+``import sink_modifier`` registers ``SinkAwarePruningModifier`` with llm-compressor's ``ModifierFactory``
+(under its class name, so recipes and the ``recipe.yaml`` saved next to a checkpoint both parse) and the
+``diffusion`` calibration pipeline.
+"""
+
+from llmcompressor.modifiers.factory import ModifierFactory
+
+from sink_modifier.modifier import SinkAwarePruningModifier
+from sink_modifier.pipeline import DiffusionPipeline
+
+__all__ = ["SinkAwarePruningModifier", "DiffusionPipeline", "__version__"]
+__version__ = "0.1.0"
+
+ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)

@@ -1,0 +1,190 @@
+"""Diffusion adapters: everything that differs between model families lives here, and only here.
+
+An adapter knows how a family's denoising trajectory looks: which noise it uses (an absorbing mask token for
+masked DLMs, nothing for an autoregressive control) and how to turn one calibration sample into the sequence of
+states the model visits. The trajectory runner, the modifier and the pipeline only see ``DenoisingState``s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from loguru import logger
+
+AdapterName = Literal["auto", "masked", "autoregressive"]
+
+
+class AdapterError(ValueError):
+    """The model cannot be driven the way the recipe asks; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class DenoisingState:
+    """One forward of the trajectory: the tokens the model sees and which positions count.
+
+    ``valid`` marks the positions that are part of this state (as queries and as keys): padding is never valid,
+    and the autoregressive control marks only the prefix decoded so far.
+    """
+
+    input_ids: torch.Tensor  # [T] long
+    valid: torch.Tensor  # [T] bool
+    step: int
+    noise_level: float
+
+
+def sample_generator(tokens: torch.Tensor, seed: int) -> torch.Generator:
+    """A generator seeded by the sample's own tokens and the recipe seed.
+
+    Keying the noise on the content (not on the sample's index) keeps masks identical whatever order
+    llm-compressor's shuffling, batching or rank partitioning presents the samples in.
+    """
+    digest = hashlib.blake2b(tokens.to(torch.int64).cpu().numpy().tobytes(), digest_size=8)
+    digest.update(int(seed).to_bytes(8, "little", signed=True))
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
+
+
+class DiffusionAdapter(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def forward_noise_states(
+        self, tokens: torch.Tensor, *, levels: int, eps: float, seed: int
+    ) -> list[DenoisingState]:
+        """The states of the forward process for one clean, unpadded sample ``tokens`` [T]."""
+
+    def query_mask(self, states: list[DenoisingState]) -> torch.Tensor | None:
+        """Which query rows count when measuring attention mass (None: all)."""
+        return None
+
+
+class MaskedDiffusionAdapter(DiffusionAdapter):
+    """Absorbing-state (masked) DLMs: LLaDA, Dream, bidirectional Gemma with a mask token.
+
+    Noise level ``t_k = k / K`` (k = 1..K) masks each token independently with probability
+    ``(1 - eps) t_k + eps``, as the reference code does.
+    """
+
+    name = "masked"
+
+    def __init__(self, mask_token_id: int):
+        self.mask_token_id = int(mask_token_id)
+
+    def forward_noise_states(self, tokens, *, levels, eps, seed):
+        generator = sample_generator(tokens, seed)
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        states = []
+        for k in range(1, levels + 1):
+            t = k / levels
+            p_mask = (1.0 - eps) * t + eps
+            masked = torch.rand(tokens.shape, generator=generator) < p_mask
+            noisy = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
+            states.append(DenoisingState(noisy, valid, step=k - 1, noise_level=t))
+        return states
+
+
+class AutoregressiveAdapter(DiffusionAdapter):
+    """The control: an AR model "denoises" left to right, so state k is the prefix decoded after k steps.
+
+    With causal attention a query never sees later keys, so every prefix's attention is exactly the full
+    sequence's attention restricted to the prefix rows. States therefore keep the whole sequence as input and
+    mark the prefix as ``valid``: one batched forward measures all K prefixes, and in calibration the rows past
+    the prefix get weight 0.
+    """
+
+    name = "autoregressive"
+
+    def forward_noise_states(self, tokens, *, levels, eps, seed):
+        length = tokens.shape[0]
+        positions = torch.arange(length)
+        states = []
+        for k in range(1, levels + 1):
+            prefix = max(1, math.ceil(k * length / levels))
+            states.append(DenoisingState(tokens, positions < prefix, step=k - 1, noise_level=k / levels))
+        return states
+
+    def query_mask(self, states):
+        return torch.stack([s.valid for s in states])
+
+
+def resolve_mask_token_id(model: torch.nn.Module, explicit: int | None) -> int | None:
+    """The mask token id from the recipe, the model's config or generation config, or its tokenizer."""
+    if explicit is not None:
+        return explicit
+    config = getattr(model, "config", None)
+    for source in (config, getattr(model, "generation_config", None)):
+        value = getattr(source, "mask_token_id", None)
+        if value is not None:
+            return int(value)
+    name_or_path = getattr(config, "_name_or_path", None)
+    if name_or_path:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        except Exception as error:  # a missing tokenizer is reported below as a missing mask token
+            logger.debug(f"No tokenizer at {name_or_path}: {error}")
+            return None
+        if tokenizer.mask_token_id is not None:
+            return int(tokenizer.mask_token_id)
+    return None
+
+
+@torch.no_grad()
+def attends_bidirectionally(model: torch.nn.Module) -> bool:
+    """Whether changing the last token changes the first position's output under eager attention.
+
+    llm-compressor calibrates with eager attention forced, so that is the mode that must be bidirectional
+    (Gemma 1/2 with ``use_bidirectional_attention`` are bidirectional only under SDPA, for instance).
+    """
+    config = model.config
+    vocab = int(getattr(config, "vocab_size", 8))
+    first = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]])
+    second = first.clone()
+    second[0, -1] = 5 % vocab
+    device = next(model.parameters()).device
+    previous = getattr(config, "_attn_implementation", None)
+    try:
+        if previous is not None:
+            config._attn_implementation = "eager"
+        outputs = [model(input_ids=x.to(device), use_cache=False).logits[0, 0] for x in (first, second)]
+    finally:
+        if previous is not None:
+            config._attn_implementation = previous
+    return not torch.equal(outputs[0], outputs[1])
+
+
+def adapter_for(
+    model: torch.nn.Module, *, family: AdapterName = "auto", mask_token_id: int | None = None
+) -> DiffusionAdapter:
+    """Pick the adapter for ``model``; ``auto`` decides by whether the model attends bidirectionally."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "diffusion_gemma":
+        raise AdapterError(
+            "DiffusionGemma (uniform-noise block diffusion) has no adapter yet; it needs its own noise and "
+            "sampler, see docs/supported-models.md"
+        )
+    if family == "auto":
+        family = "masked" if attends_bidirectionally(model) else "autoregressive"
+        logger.info(f"Sink-aware pruning: treating {type(model).__name__} as a {family} model")
+    elif family == "masked" and not attends_bidirectionally(model):
+        raise AdapterError(
+            f"{type(model).__name__} attends causally under eager attention (which llm-compressor forces "
+            "during calibration), so it is not a masked diffusion LM. Load a bidirectional model (e.g. a "
+            "Gemma-3 config with use_bidirectional_attention=True) or set adapter: autoregressive."
+        )
+    if family == "autoregressive":
+        return AutoregressiveAdapter()
+    mask_id = resolve_mask_token_id(model, mask_token_id)
+    if mask_id is None:
+        raise AdapterError(
+            "The masked forward process needs a mask token and none was found in the recipe, the model "
+            "config (mask_token_id) or the tokenizer (mask_token). Set mask_token_id in the recipe."
+        )
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and not 0 <= mask_id < vocab:
+        raise AdapterError(f"mask_token_id {mask_id} is outside the vocabulary (size {vocab}).")
+    return MaskedDiffusionAdapter(mask_id)

@@ -1,0 +1,234 @@
+"""``SinkAwarePruningModifier``: llm-compressor's Wanda / SparseGPT with sink-aware token weights.
+
+The modifier is deliberately thin. The pruning math (statistics accumulation, mask selection, unstructured
+and N:M) is llm-compressor's own ``WandaPruningModifier`` / ``SparseGPTModifier`` code, which this class holds as
+an *engine* and calls from its hooks. The only thing added is the token weighting: before an input reaches the
+engine, every token's row is multiplied by its sink row scale (``1 - s`` in the paper), so the engine
+accumulates ``sum (r x)^2`` (Wanda) and ``sum (r x)(r x)^T`` (SparseGPT), exactly what the reference code does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from compressed_tensors.utils import match_named_modules
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator
+
+from llmcompressor.core import Event, State, active_session
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from sink_modifier.adapters import AdapterName, DiffusionAdapter, adapter_for
+from sink_modifier.report import attach_report
+from sink_modifier.scales import (
+    SampleScales,
+    StateScales,
+    calibration_rows,
+    fix_calibration_order,
+)
+from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
+
+__all__ = ["SinkAwarePruningModifier"]
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
+    """Prune a diffusion LM with Wanda or SparseGPT statistics that discount its attention sinks.
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        SinkAwarePruningModifier:
+          sparsity: 0.5
+          mask_structure: "2:4"
+          method: wanda
+    ```
+    Every field is documented in docs/recipes.md.
+    """
+
+    sparsity: float | list[float] = 0.5
+    method: Literal["wanda", "sparsegpt"] = "wanda"
+    # None: the model's decoder layers (the sequential targets), so the LM head and embeddings are never in
+    # scope whatever the model calls them.
+    targets: str | list[str] | None = None
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head.*", "re:.*embed.*"])
+    trajectory: Literal["forward_noise"] = "forward_noise"
+    adapter: AdapterName = "auto"
+    mask_token_id: int | None = Field(None, ge=0)
+    # SparseGPT only
+    block_size: int = Field(128, ge=1)
+    dampening_frac: float = Field(0.01, ge=0.0)
+    offload_hessians: bool = False
+
+    _engine: WandaPruningModifier | SparseGPTModifier | None = PrivateAttr(None)
+    _adapter: DiffusionAdapter | None = PrivateAttr(None)
+    _scales: SampleScales | StateScales | None = PrivateAttr(None)
+    _trajectory: TrajectoryResult | None = PrivateAttr(None)
+    _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    _device_scales: tuple[int, torch.Tensor] | None = PrivateAttr(None)
+
+    # ---- validation (runs when a recipe is parsed) ------------------------------------------------------
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value):
+        for s in value if isinstance(value, list) else [value]:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1) (got {s}); 0.5 prunes half the weights")
+        return value
+
+    @field_validator("mask_structure", mode="before")
+    @classmethod
+    def _check_mask_structure(cls, value):
+        if value in ("unstructured", None):
+            return "0:0"
+        match = _NM.match(str(value))
+        if not match:
+            raise ValueError(f"mask_structure must be 'unstructured' or 'N:M' like '2:4' (got {value!r})")
+        n, m = map(int, match.groups())
+        if (n, m) != (0, 0) and not 0 < n < m:
+            raise ValueError(f"mask_structure {value!r}: N:M needs 0 < N < M (N zeros in every M weights)")
+        return f"{n}:{m}"
+
+    @field_validator("sparsity_profile", mode="before")
+    @classmethod
+    def _no_owl(cls, value):
+        if value is not None:
+            raise ValueError(
+                "sparsity_profile is not supported: OWL calls run_calibration from on_initialize, which fails "
+                "in llm-compressor 0.14; give a per-layer sparsity list instead"
+            )
+        return value
+
+    def trajectory_settings(self) -> TrajectorySettings:
+        return TrajectorySettings(**{k: getattr(self, k) for k in TrajectorySettings.model_fields})
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        if self.targets is None:
+            self.targets = sorted(infer_sequential_targets(model, kwargs.get("sequential_targets")))
+        super().on_initialize(state, **kwargs)
+        if not self._target_layers:
+            raise ValueError(f"targets {self.targets} matched no module of {type(model).__name__}")
+        engine_cls = WandaPruningModifier if self.method == "wanda" else SparseGPTModifier
+        extra = (
+            {}
+            if self.method == "wanda"
+            else dict(block_size=self.block_size, dampening_frac=self.dampening_frac,
+                      offload_hessians=self.offload_hessians)
+        )
+        self._engine = engine_cls(
+            sparsity=self.sparsity, mask_structure=self.mask_structure, targets=self.targets,
+            ignore=self.ignore, **extra,
+        )
+        # Fail now, not after hours of calibration, when the model cannot be driven.
+        self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
+        return True
+
+    def use_trajectory(self, result: TrajectoryResult, scales: StateScales) -> None:
+        """Called by the ``diffusion`` pipeline, which measured the trajectory and calibrates on its states."""
+        self._trajectory, self._scales = result, scales
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        model = state.model
+        if self._scales is None:
+            self._scales = self._measure_clean_samples(model, state.data.calib)
+            embedding = model.get_input_embeddings()
+            self.register_hook(embedding, self._observe_batch, "forward_pre")
+        super().on_calibration_start(state, event, **kwargs)
+        self._engine._module_names = self._module_names
+        self._engine._module_sparsities = self._module_sparsities
+        self._check_scope(model)
+
+    def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
+        inp = args[0]
+        scale = self._current_scales(inp.device)[:, self._module_group.get(module, 0)]  # [B, T]
+        if inp.dim() == 3 and inp.shape[:2] == scale.shape:
+            weighted = inp.float() * scale.unsqueeze(-1)
+        elif inp.dim() == 2 and inp.shape[0] == scale.numel():
+            weighted = inp.float() * scale.reshape(-1, 1)
+        else:
+            raise ValueError(
+                f"{self._module_names[module]} received input {tuple(inp.shape)} that cannot be matched to "
+                f"the {tuple(scale.shape)} tokens of its batch, so its rows cannot be sink-weighted"
+            )
+        self._engine.calibrate_module(module, (weighted, *args[1:]), output)
+
+    def compress_modules(self):
+        self._engine.compress_modules()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.on_end(state, None)
+        left = len(self._engine._num_samples) if self._engine is not None else 0
+        if left:
+            raise ValueError(f"Failed to compress {left} modules")
+        if self._trajectory is not None:
+            attach_report(state.model, self._trajectory.report(self.trajectory_settings(), self._adapter))
+        self._scales = self._device_scales = None
+        self._module_names, self._module_sparsities, self._module_group = {}, {}, {}
+        return True
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+
+    @property
+    def report(self) -> dict | None:
+        if self._trajectory is None:
+            return None
+        return self._trajectory.report(self.trajectory_settings(), self._adapter)
+
+    def _measure_clean_samples(self, model, dataloader) -> SampleScales:
+        """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales."""
+        if dataloader is None:
+            raise ValueError("SinkAwarePruningModifier needs calibration data: pass a dataset to oneshot")
+        fix_calibration_order(dataloader)
+        rows = list(calibration_rows(dataloader))
+        if not rows:
+            raise ValueError("The calibration dataset is empty")
+        if not all(valid.any() for _, valid in rows):
+            raise ValueError("A calibration sample is all padding; remove empty samples from the dataset")
+        result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
+                                self.trajectory_settings())
+        scales = SampleScales(pad_token_id=getattr(model.config, "pad_token_id", None))
+        for (row, valid), sample in zip(rows, result.samples):
+            scales.add(row, valid, sample.tokens, sample.mean_row_scales)
+        self._trajectory = result
+        return scales
+
+    def _observe_batch(self, module, args):
+        self._scales.observe(active_session().state.current_batch_idx, args[0])
+
+    def _current_scales(self, device: torch.device) -> torch.Tensor:
+        batch_idx = active_session().state.current_batch_idx
+        if self._device_scales is None or self._device_scales[0] != batch_idx:
+            scales = self._scales.batch_scales(batch_idx)
+            self._device_scales = (batch_idx, scales.to(device=device, dtype=torch.float32))
+        return self._device_scales[1]
+
+    def _check_scope(self, model: torch.nn.Module):
+        """Refuse to prune the LM head; with ``sink_scope: layer`` map each Linear to its layer's scales."""
+        output_embeddings = model.get_output_embeddings()
+        for module, name in self._module_names.items():
+            if module is output_embeddings or isinstance(module, torch.nn.Embedding):
+                raise ValueError(
+                    f"The recipe would prune {name}, the model's LM head or an embedding; narrow targets to "
+                    "the decoder layers or add a matching pattern (e.g. 're:.*lm_head.*') to ignore"
+                )
+        if self.sink_scope != "layer":
+            return
+        layers = list(match_named_modules(model, self._sequential_targets))
+        attention_layers = len(self._trajectory.layer_names) if self._trajectory else None
+        if attention_layers is not None and attention_layers != len(layers):
+            raise ValueError(
+                f"sink_scope 'layer' needs one attention layer per decoder layer; found "
+                f"{attention_layers} attention layers and {len(layers)} decoder layers. Use sink_scope: global"
+            )
+        for index, (_, layer) in enumerate(layers):
+            for sub in layer.modules():
+                self._module_group[sub] = index

@@ -1,0 +1,70 @@
+"""The ``diffusion`` calibration pipeline: calibrate every modifier on the denoising states themselves.
+
+``oneshot(..., pipeline="diffusion")`` first runs the trajectory phase on the dense model (each clean sample
+becomes K noised states, measured with the attention probe), then hands a dataloader of those states to
+llm-compressor's own sequential pipeline. Every modifier in the recipe, quantizers included, therefore
+calibrates on what the model sees while it denoises; ``SinkAwarePruningModifier`` additionally weights each
+state's tokens by that state's own sink row scales (the reference Wanda variant's semantics).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from llmcompressor.core import active_session
+from llmcompressor.pipelines.registry import CalibrationPipeline
+from llmcompressor.pipelines.sequential import SequentialPipeline
+from sink_modifier.adapters import adapter_for
+from sink_modifier.modifier import SinkAwarePruningModifier
+from sink_modifier.scales import StateScales, calibration_rows
+from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
+
+__all__ = ["DiffusionPipeline", "state_dataloader"]
+
+
+def state_dataloader(result: TrajectoryResult) -> tuple[DataLoader, StateScales]:
+    """One batch per state, in a fixed order, and the matching row scales [1, G, T] per batch."""
+    batches, scales = [], []
+    for sample in result.samples:
+        for state, state_scales in zip(sample.states, sample.row_scales):
+            ids = state.input_ids.unsqueeze(0)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            scales.append(state_scales.unsqueeze(0))
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    return loader, StateScales(scales)
+
+
+def _settings(modifiers: list[SinkAwarePruningModifier]) -> tuple[TrajectorySettings, dict]:
+    if not modifiers:
+        return TrajectorySettings(), {"family": "auto", "mask_token_id": None}
+    settings = [m.trajectory_settings() for m in modifiers]
+    if any(s != settings[0] for s in settings):
+        raise ValueError(
+            "The diffusion pipeline runs one trajectory for the whole recipe, but its "
+            "SinkAwarePruningModifiers ask for different trajectory or sink settings; make them equal"
+        )
+    first = modifiers[0]
+    return settings[0], {"family": first.adapter, "mask_token_id": first.mask_token_id}
+
+
+@CalibrationPipeline.register("diffusion")
+class DiffusionPipeline(CalibrationPipeline):
+    @staticmethod
+    def __call__(model: torch.nn.Module, dataloader: DataLoader, dataset_args):
+        if dataloader is None:
+            raise ValueError("The diffusion pipeline needs calibration data: pass a dataset to oneshot")
+        session = active_session()
+        modifiers = [
+            m for m in session.lifecycle.recipe.modifiers if isinstance(m, SinkAwarePruningModifier)
+        ]
+        settings, adapter_args = _settings(modifiers)
+        adapter = adapter_for(model, **adapter_args)
+        rows = list(calibration_rows(dataloader))
+        if not rows or not any(valid.any() for _, valid in rows):
+            raise ValueError("The calibration dataset is empty (or all padding)")
+        result = run_trajectory(model, adapter, [row[valid] for row, valid in rows if valid.any()], settings)
+        states, scales = state_dataloader(result)
+        for modifier in modifiers:
+            modifier.use_trajectory(result, scales)
+        SequentialPipeline()(model, states, dataset_args)

@@ -1,0 +1,131 @@
+"""Getting each calibration batch's per-token row scales to the Linear hooks that need them.
+
+Two sources, one per pipeline:
+
+* ``SampleScales`` (any llm-compressor pipeline, calibration on clean samples): the scales are computed per
+  sample in a pre-pass and found again *by the tokens themselves* when the pipeline feeds a batch to the input
+  embedding, so the match survives llm-compressor's shuffling and batching.
+* ``StateScales`` (the ``diffusion`` pipeline): the pipeline builds the dataloader of trajectory states itself,
+  in a fixed order, so batch ``i`` simply has the scales of states ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from loguru import logger
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+
+class CalibrationMismatchError(RuntimeError):
+    """A calibration batch holds tokens the trajectory phase never saw."""
+
+
+def _key(tokens: torch.Tensor) -> bytes:
+    return tokens.detach().to(torch.int64).cpu().numpy().tobytes()
+
+
+class SampleScales:
+    """Row scales of clean calibration rows, looked up by their token ids."""
+
+    def __init__(self, pad_token_id: int | None = None):
+        self.pad_token_id = pad_token_id
+        self._by_row: dict[bytes, torch.Tensor] = {}  # collated row (padding included) -> [G, T]
+        self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # unpadded tokens, [G, T]
+        self._batches: dict[int, torch.Tensor] = {}
+
+    def add(self, row: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, scales: torch.Tensor):
+        """Register a collated ``row`` whose real tokens (``valid``) are ``tokens`` with ``scales`` [G, T]."""
+        placed = torch.zeros(scales.shape[0], row.shape[0], dtype=scales.dtype)
+        placed[:, valid] = scales
+        self._by_row[_key(row)] = placed
+        self._samples.append((tokens, scales))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def lookup(self, row: torch.Tensor) -> torch.Tensor:
+        """Scales [G, T] for a row as the pipeline presents it; padding gets 0."""
+        found = self._by_row.get(_key(row))
+        if found is not None:
+            return found
+        # Collated differently than in the pre-pass (another batch, another truncation): find the sample
+        # whose tokens this row's non-padding core starts.
+        start, end = 0, row.shape[0]
+        if self.pad_token_id is not None:
+            while start < end and row[start] == self.pad_token_id:
+                start += 1
+            while end > start and row[end - 1] == self.pad_token_id:
+                end -= 1
+        core = row[start:end].cpu()
+        for tokens, scales in self._samples:
+            if tokens.shape[0] >= core.shape[0] and torch.equal(tokens[: core.shape[0]], core):
+                placed = torch.zeros(scales.shape[0], row.shape[0], dtype=scales.dtype)
+                placed[:, start:end] = scales[:, : core.shape[0]]
+                return placed
+        raise CalibrationMismatchError(
+            f"A calibration row of {row.shape[0]} tokens was not seen by the sink trajectory phase. "
+            "Pass the same dataset to oneshot that the trajectory phase used, and do not change the "
+            "dataloader between them."
+        )
+
+    def observe(self, batch_idx: int, input_ids: torch.Tensor):
+        """Called with each batch's token ids as they enter the model's input embedding."""
+        self._batches[batch_idx] = torch.stack([self.lookup(row) for row in input_ids])
+
+    def batch_scales(self, batch_idx: int) -> torch.Tensor:
+        try:
+            return self._batches[batch_idx]
+        except KeyError:
+            raise CalibrationMismatchError(
+                f"No row scales for calibration batch {batch_idx}: its tokens never reached the input "
+                "embedding, so the model's embedding module is not the one the probe hooked."
+            ) from None
+
+
+class StateScales:
+    """Row scales of the ``diffusion`` pipeline's state batches, by batch index."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self._batches = batches
+
+    def batch_scales(self, batch_idx: int) -> torch.Tensor:
+        return self._batches[batch_idx]
+
+
+class _FixedOrderSampler(Sampler[int]):
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def fix_calibration_order(dataloader: DataLoader) -> None:
+    """Draw the shuffled calibration order once and keep it for the rest of the run.
+
+    llm-compressor's ``RandomSampler`` draws a new subset and order every time it is iterated, so the pre-pass
+    would measure different samples than the pipeline calibrates on. Fixing the draw keeps the shuffle the user
+    asked for and makes every later pass (ours, the pipeline's, the next modifier's) see the same samples.
+    """
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    if isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, RandomSampler):
+        batch_sampler.sampler = _FixedOrderSampler(list(iter(batch_sampler.sampler)))
+        logger.info("Sink-aware pruning: fixed the shuffled calibration order for this run")
+
+
+def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every row of every calibration batch as (collated row, valid mask)."""
+    for batch in dataloader:
+        input_ids = batch["input_ids"]
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        mask = mask.reshape(input_ids.shape)
+        for row, valid in zip(input_ids, mask):
+            yield row.cpu(), valid.cpu()

@@ -1,0 +1,169 @@
+"""Trajectory phase: run the dense model over each sample's denoising states and measure its sinks.
+
+For every calibration sample the adapter produces K states; one batched forward with the attention probe gives
+the attention mass every key receives in every layer; ``statistics`` turns that into sink scores, their
+temporal behaviour and the per-token row scales the pruning phase applies. Only token ids, row scales and small
+per-sample summaries are kept (all on CPU): attention masses are reduced as soon as a sample is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from sink_modifier import statistics
+from sink_modifier.adapters import DenoisingState, DiffusionAdapter
+from sink_modifier.probe import AttentionProbe
+
+
+class TrajectorySettings(BaseModel):
+    """How states are produced and how their sinks turn into row scales (the modifier's sink fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_levels: int = Field(10, ge=1)
+    noise_eps: float = Field(1e-3, ge=0.0, lt=1.0)
+    seed: int = 0
+    sink_threshold_std: float = 2.0
+    sink_sharpness: float = Field(5.0, gt=0.0)
+    sink_score: statistics.ScoreKind = "raw"
+    sink_scope: statistics.Scope = "global"
+    sink_selection: statistics.Selection = "all"
+    unstable_variance: float = Field(0.02, ge=0.0)
+    query_chunk_size: int = Field(256, ge=1)
+    trajectory_batch_size: int = Field(8, ge=1)
+
+
+@dataclass
+class SampleTrajectory:
+    """One calibration sample after the trajectory phase (CPU tensors)."""
+
+    tokens: torch.Tensor  # [T] clean, unpadded
+    states: list[DenoisingState]
+    row_scales: torch.Tensor  # [S, G, T] per state
+    mean_row_scales: torch.Tensor  # [G, T] averaged over the states
+    summary: statistics.SinkSummary
+
+
+@dataclass
+class TrajectoryResult:
+    samples: list[SampleTrajectory] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+
+    def report(self, settings: TrajectorySettings, adapter: DiffusionAdapter) -> dict:
+        """The content of ``sink_report.json``."""
+        return {
+            "adapter": adapter.name,
+            "trajectory": "forward_noise",
+            "settings": settings.model_dump(),
+            "num_samples": len(self.samples),
+            "num_states": sum(len(s.states) for s in self.samples),
+            "layers": self.layer_names,
+            "groups": ["all_layers"] if settings.sink_scope == "global" else self.layer_names,
+            "aggregate": statistics.aggregate([s.summary for s in self.samples]),
+            "samples": [
+                {
+                    "length": int(s.tokens.numel()),
+                    "noise_levels": [st.noise_level for st in s.states],
+                    **s.summary.to_dict(),
+                }
+                for s in self.samples
+            ],
+        }
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone without the LM head: its logits are not needed to measure attention."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def _batches(states: list[DenoisingState], size: int) -> Iterator[list[DenoisingState]]:
+    for start in range(0, len(states), size):
+        yield states[start : start + size]
+
+
+@torch.no_grad()
+def measure_states(
+    model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter,
+    states: list[DenoisingState], batch_size: int,
+) -> torch.Tensor:
+    """Attention mass [S, L, T] for the states of one sample (equal lengths, so no padding is needed)."""
+    device = next(model.parameters()).device
+    backbone = _base_model(model)
+    masses = []
+    for batch in _batches(states, batch_size):
+        input_ids = torch.stack([s.input_ids for s in batch]).to(device)
+        query_mask = adapter.query_mask(batch)
+        probe.query_mask = None if query_mask is None else query_mask.to(device)
+        backbone(input_ids=input_ids, use_cache=False)
+        masses.append(probe.pop_masses())
+    probe.query_mask = None
+    mass = torch.cat(masses)
+    if not torch.isfinite(mass).all():
+        bad = [probe.layer_names[i] for i in torch.nonzero(~torch.isfinite(mass).all(0).all(-1))[:, 0]]
+        raise FloatingPointError(
+            f"Non-finite attention mass in {bad}: the model overflows in its dtype on these inputs "
+            "(try float32 or bfloat16 instead of float16)."
+        )
+    return mass
+
+
+def analyse_sample(
+    tokens: torch.Tensor, states: list[DenoisingState], mass: torch.Tensor,
+    settings: TrajectorySettings,
+) -> SampleTrajectory:
+    """Sink scores, row scales and diagnostics of one sample from its attention masses."""
+    valid = torch.stack([s.valid for s in states])
+    grouped = statistics.scope_mass(mass, settings.sink_scope)
+    scores = statistics.sink_scores(
+        grouped, valid, threshold_std=settings.sink_threshold_std,
+        sharpness=settings.sink_sharpness, kind=settings.sink_score,
+    )
+    scales = statistics.row_scales(
+        scores, valid, selection=settings.sink_selection,
+        unstable_variance=settings.unstable_variance,
+    )
+    summary = statistics.summarize(
+        grouped, valid, scores, threshold_std=settings.sink_threshold_std,
+        unstable_variance=settings.unstable_variance,
+    )
+    return SampleTrajectory(
+        tokens=tokens, states=states, row_scales=scales,
+        mean_row_scales=statistics.mean_row_scales(scales, valid), summary=summary,
+    )
+
+
+def run_trajectory(
+    model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
+    settings: TrajectorySettings, *, progress: bool = True,
+) -> TrajectoryResult:
+    """The trajectory phase over clean, unpadded samples (each a 1-D tensor of token ids)."""
+    from tqdm import tqdm
+
+    result = TrajectoryResult()
+    was_training = model.training
+    model.eval()
+    try:
+        with AttentionProbe(model, query_chunk_size=settings.query_chunk_size) as probe:
+            result.layer_names = list(probe.layer_names)
+            for tokens in tqdm(samples, desc="Sink trajectory", disable=not progress, unit="sample"):
+                tokens = tokens.to(torch.long).cpu()
+                states = adapter.forward_noise_states(
+                    tokens, levels=settings.noise_levels, eps=settings.noise_eps, seed=settings.seed
+                )
+                mass = measure_states(model, probe, adapter, states, settings.trajectory_batch_size)
+                result.samples.append(analyse_sample(tokens, states, mass, settings))
+    finally:
+        model.train(was_training)
+    if not result.samples:
+        raise ValueError("The calibration set is empty: the trajectory phase needs at least one sample.")
+    logger.info(
+        f"Sink trajectory: {len(result.samples)} samples x {settings.noise_levels} states, "
+        f"{len(result.layer_names)} attention layers probed"
+    )
+    return result
