@@ -11,6 +11,7 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -121,6 +122,10 @@ def resolve_mask_token_id(model: torch.nn.Module, explicit: int | None) -> int |
         if value is not None:
             return int(value)
     name_or_path = getattr(config, "_name_or_path", None)
+    if name_or_path and Path(name_or_path).is_dir() and not _has_tokenizer_files(Path(name_or_path)):
+        # transformers 5 builds a default tokenizer of the model's family when a directory has no tokenizer
+        # files; its mask token would be a guess, not the model's.
+        return None
     if name_or_path:
         try:
             from transformers import AutoTokenizer
@@ -132,6 +137,11 @@ def resolve_mask_token_id(model: torch.nn.Module, explicit: int | None) -> int |
         if tokenizer.mask_token_id is not None:
             return int(tokenizer.mask_token_id)
     return None
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    return any((directory / name).exists() for name in names)
 
 
 @torch.no_grad()

@@ -14,13 +14,12 @@ from typing import Literal
 
 import torch
 from compressed_tensors.utils import match_named_modules
-from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
-
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from pydantic import Field, PrivateAttr, field_validator
+
 from sink_modifier.adapters import AdapterName, DiffusionAdapter, adapter_for
 from sink_modifier.report import attach_report
 from sink_modifier.scales import (
@@ -71,7 +70,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _device_scales: tuple[int, torch.Tensor] | None = PrivateAttr(None)
 
-    # ---- validation (runs when a recipe is parsed) ------------------------------------------------------
+    # ---- validation (runs when a recipe is parsed) ----
 
     @field_validator("sparsity")
     @classmethod
@@ -107,10 +106,13 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     def trajectory_settings(self) -> TrajectorySettings:
         return TrajectorySettings(**{k: getattr(self, k) for k in TrajectorySettings.model_fields})
 
-    # ---- lifecycle ----------------------------------------------------------------------------------------
+    # ---- lifecycle ----
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        calib = state.data.calib
+        if calib is None or (hasattr(calib, "__len__") and len(calib) == 0):
+            raise ValueError("SinkAwarePruningModifier needs calibration data, and the calibration set is empty")
         if self.targets is None:
             self.targets = sorted(infer_sequential_targets(model, kwargs.get("sequential_targets")))
         super().on_initialize(state, **kwargs)
@@ -175,7 +177,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._module_names, self._module_sparsities, self._module_group = {}, {}, {}
         return True
 
-    # ---- helpers --------------------------------------------------------------------------------------------
+    # ---- helpers ------
 
     @property
     def report(self) -> dict | None:
@@ -196,7 +198,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
                                 self.trajectory_settings())
         scales = SampleScales(pad_token_id=getattr(model.config, "pad_token_id", None))
-        for (row, valid), sample in zip(rows, result.samples):
+        for (row, valid), sample in zip(rows, result.samples, strict=True):
             scales.add(row, valid, sample.tokens, sample.mean_row_scales)
         self._trajectory = result
         return scales

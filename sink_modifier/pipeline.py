@@ -10,11 +10,11 @@ state's tokens by that state's own sink row scales (the reference Wanda variant'
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
-
 from llmcompressor.core import active_session
 from llmcompressor.pipelines.registry import CalibrationPipeline
 from llmcompressor.pipelines.sequential import SequentialPipeline
+from torch.utils.data import DataLoader
+
 from sink_modifier.adapters import adapter_for
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.scales import StateScales, calibration_rows
@@ -27,7 +27,7 @@ def state_dataloader(result: TrajectoryResult) -> tuple[DataLoader, StateScales]
     """One batch per state, in a fixed order, and the matching row scales [1, G, T] per batch."""
     batches, scales = [], []
     for sample in result.samples:
-        for state, state_scales in zip(sample.states, sample.row_scales):
+        for state, state_scales in zip(sample.states, sample.row_scales, strict=True):
             ids = state.input_ids.unsqueeze(0)
             batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
             scales.append(state_scales.unsqueeze(0))

@@ -127,5 +127,5 @@ def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, tor
         mask = batch.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         mask = mask.reshape(input_ids.shape)
-        for row, valid in zip(input_ids, mask):
+        for row, valid in zip(input_ids, mask, strict=True):
             yield row.cpu(), valid.cpu()

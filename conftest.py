@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models built from configs (nothing is downloaded) and a small calibration set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sink_modifier.toy import build_toy_model
+
+CALIBRATION_TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A diffusion language model denoises every position of its canvas at once.",
+    "Pruning removes half of the weights while keeping the model useful.",
+    "Attention sinks are positions that receive far more attention than others.",
+    "In autoregressive models the first token is a stable attention sink.",
+    "Masked tokens are predicted in parallel and unmasked step by step.",
+    "Calibration data drives the statistics that choose which weights to drop.",
+    "Two of every four weights are zero in the semi-structured pattern.",
+]
+
+
+@pytest.fixture(scope="session")
+def dlm_path(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("dlm"), bidirectional=True)
+
+
+@pytest.fixture(scope="session")
+def ar_path(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("ar"), bidirectional=False)
+
+
+def load_model(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def calibration_dataset(path, texts=CALIBRATION_TEXTS) -> Dataset:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
