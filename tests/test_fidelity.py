@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-
-from conftest import calibration_dataset, load_model
 from llmcompressor import oneshot
 from llmcompressor.core import active_session
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import MaskedDiffusionAdapter
 from sink_modifier.scales import StateScales

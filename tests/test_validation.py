@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.factory import ModifierFactory
+from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 import sink_modifier
 from conftest import calibration_dataset, load_model
-from llmcompressor import oneshot
-from llmcompressor.modifiers.factory import ModifierFactory
-from llmcompressor.recipe import Recipe
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import AdapterError, adapter_for
 from sink_modifier.toy import build_toy_model
