@@ -44,6 +44,7 @@ class SampleTrajectory:
 
     tokens: torch.Tensor  # [T] clean, unpadded
     states: list[DenoisingState]
+    scores: torch.Tensor  # [S, G, T] sink score of every position at every state
     row_scales: torch.Tensor  # [S, G, T] per state
     mean_row_scales: torch.Tensor  # [G, T] averaged over the states
     summary: statistics.SinkSummary
@@ -133,7 +134,7 @@ def analyse_sample(
         unstable_variance=settings.unstable_variance,
     )
     return SampleTrajectory(
-        tokens=tokens, states=states, row_scales=scales,
+        tokens=tokens, states=states, scores=scores, row_scales=scales,
         mean_row_scales=statistics.mean_row_scales(scales, valid), summary=summary,
     )
 
