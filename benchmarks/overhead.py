@@ -1,0 +1,213 @@
+"""Cost of sink awareness: wall time and peak memory against llm-compressor's own Wanda, in one process.
+
+Both sides prune the same model from the same calibration states through ``oneshot``:
+
+* ``diffusion``: ``SinkAwarePruningModifier`` with ``pipeline="diffusion"`` (trajectory phase + sequential
+  calibration on the noised states) vs ``WandaPruningModifier`` calibrated on exactly those noised states
+  (built with the same adapter and seed), sequential pipeline.
+* ``clean``: ``SinkAwarePruningModifier`` with the default pipeline (trajectory pre-pass, then calibration on
+  the clean samples) vs ``WandaPruningModifier`` on the clean samples.
+
+Peak memory is the peak resident set size above the level at the start of each run, sampled every 5 ms
+(CPU), or ``torch.cuda.max_memory_allocated`` when a GPU is present.
+
+    python benchmarks/overhead.py            # writes the table into docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning import WandaPruningModifier
+from loguru import logger
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sink_modifier import SinkAwarePruningModifier
+from sink_modifier.adapters import MaskedDiffusionAdapter
+from sink_modifier.toy import MASK_ID, build_toy_model
+
+DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
+MARKER_BEGIN, MARKER_END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+
+
+class PeakMemory(contextlib.AbstractContextManager):
+    """Peak memory of the block above its starting level, in MiB."""
+
+    def __enter__(self):
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.mib = (self.peak - self.start) / 2**20
+        return False
+
+
+def calibration(tokenizer, num_samples: int, length: int, seed: int) -> list[list[int]]:
+    """Deterministic pseudo-text samples of exactly ``length`` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    low = len(tokenizer.all_special_ids)
+    return [
+        torch.randint(low, len(tokenizer), (length,), generator=generator).tolist() for _ in range(num_samples)
+    ]
+
+
+def noised_states(samples: list[list[int]], levels: int, seed: int) -> list[list[int]]:
+    adapter = MaskedDiffusionAdapter(MASK_ID)
+    return [
+        state.input_ids.tolist()
+        for sample in samples
+        for state in adapter.forward_noise_states(torch.tensor(sample), levels=levels, eps=1e-3, seed=seed)
+    ]
+
+
+def timed_oneshot(model_path: Path, rows: list[list[int]], recipe, pipeline: str) -> tuple[float, float]:
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    dataset = Dataset.from_dict({"input_ids": rows})
+    gc.collect()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        oneshot(model=model, dataset=dataset, recipe=recipe, pipeline=pipeline,
+                num_calibration_samples=len(rows), max_seq_length=len(rows[0]))
+        seconds = time.perf_counter() - start
+    del model
+    gc.collect()
+    return seconds, memory.mib
+
+
+def measure(model_path: Path, samples, levels: int, seed: int, repeats: int) -> dict[str, dict]:
+    states = noised_states(samples, levels, seed)
+
+    def sink():
+        return [SinkAwarePruningModifier(sparsity=0.5, noise_levels=levels, seed=seed)]
+
+    def wanda():
+        return [WandaPruningModifier(sparsity=0.5, targets=["Gemma3DecoderLayer"])]
+
+    cases = {
+        "diffusion": (lambda: timed_oneshot(model_path, samples, sink(), "diffusion"),
+                      lambda: timed_oneshot(model_path, states, wanda(), "sequential")),
+        "clean": (lambda: timed_oneshot(model_path, samples, sink(), "independent"),
+                  lambda: timed_oneshot(model_path, samples, wanda(), "independent")),
+    }
+    timed_oneshot(model_path, samples[:2], wanda(), "independent")  # warm-up: imports, first-call costs
+    results = {}
+    for name, (ours, theirs) in cases.items():
+        runs = {"ours": [], "theirs": []}
+        for _ in range(repeats):  # interleaved, so drift in machine load hits both sides alike
+            runs["ours"].append(ours())
+            runs["theirs"].append(theirs())
+        results[name] = {
+            side: {"seconds": statistics.median(r[0] for r in v), "mib": statistics.median(r[1] for r in v)}
+            for side, v in runs.items()
+        }
+    return results
+
+
+def table(results_by_size: dict[str, dict], command: str, setup: str) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {setup}",
+        "",
+        "| model | calibration | sink-aware time (s) | Wanda time (s) | time ratio | sink-aware peak (MiB) "
+        "| Wanda peak (MiB) | memory ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, results in results_by_size.items():
+        for name, r in results.items():
+            ours, theirs = r["ours"], r["theirs"]
+            label = "noised states (`pipeline=\"diffusion\"`)" if name == "diffusion" else "clean samples"
+            lines.append(
+                f"| {size} | {label} | {ours['seconds']:.2f} | {theirs['seconds']:.2f} | "
+                f"**{ours['seconds'] / theirs['seconds']:.2f}x** | {ours['mib']:.0f} | {theirs['mib']:.0f} | "
+                f"**{ours['mib'] / max(theirs['mib'], 1e-9):.2f}x** |"
+            )
+    return "\n".join(lines)
+
+
+def write_docs(text: str):
+    content = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{MARKER_BEGIN}\n{text}\n{MARKER_END}"
+    if MARKER_BEGIN in content:
+        head, rest = content.split(MARKER_BEGIN, 1)
+        content = head + block + rest.split(MARKER_END, 1)[1]
+    else:
+        content += f"\n## Overhead against llm-compressor's Wanda\n\n{block}\n"
+    DOCS.write_text(content)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--noise-levels", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="256x4,512x4", help="hidden x layers, comma separated")
+    parser.add_argument("--no-docs", action="store_true", help="print only; do not update docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    torch.manual_seed(args.seed)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            hidden, layers = map(int, size.split("x"))
+            path = build_toy_model(Path(tmp) / size, hidden_size=hidden, intermediate_size=4 * hidden,
+                                   num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
+                                   num_key_value_heads=max(1, hidden // 128))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            samples = calibration(tokenizer, args.num_samples, args.length, args.seed)
+            results[f"hidden {hidden}, {layers} layers"] = measure(
+                path, samples, args.noise_levels, args.seed, args.repeats
+            )
+    command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    setup = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}; "
+        f"{args.num_samples} samples x {args.length} tokens, {args.noise_levels} noise levels, "
+        f"median of {args.repeats} interleaved runs"
+    )
+    text = table(results, command.strip(), setup)
+    print(text)
+    if not args.no_docs:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
