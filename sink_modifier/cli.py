@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +31,14 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from sink_modifier.plots import SinkDynamics
+
 __all__ = ["CLIError", "build_parser", "main"]
 
 PROG = "sink-prune"
 _LOG_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSS} | {function} | {level} - {message}"
 _PARAGRAPH = re.compile(r"\n\s*\n")
+_DOCUMENT = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
 
 
 class CLIError(Exception):
@@ -56,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", "-q", action="store_true",
                        help="no progress bars; log warnings and errors only")
+    quiet.add_argument("--threads", type=_positive, metavar="N",
+                       help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "
+                       "on a shared machine)")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow the model's own Python code from the Hub to run (off by default)")
@@ -115,15 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", parents=[quiet, output],
         help="prune the bundled small DLM: sink-aware Wanda vs plain Wanda (offline, ~2 min on 2 cores)",
-        description="Prune the bundled small diffusion LM to 50%% unstructured sparsity with sink-aware Wanda "
+        description="Prune the bundled small diffusion LM to 50% unstructured sparsity with sink-aware Wanda "
         "and with llm-compressor's plain WandaPruningModifier (same sparsity, same decoder-layer targets), "
         "evaluate the dense and both pruned models, and print a table. Offline; needs no download.",
     )
     demo.add_argument("--output", "-o", type=Path, default=Path("sink-prune-demo"), metavar="DIR",
                       help="where the checkpoints and the report go (default: ./sink-prune-demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller configuration (used by the test suite)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
-    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--seed", type=int, default=0, metavar="S",
+                      help="seed of the evaluation masks (default: 0)")
+    demo.set_defaults(func=cmd_demo, threads=1)
+    next(a for a in demo._actions if a.dest == "threads").help = (
+        "CPU threads for torch (default: 1; the bundled model is too small to gain from more, and one thread "
+        "cannot be oversubscribed)")
     return parser
 
 
@@ -171,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with _console(quiet=args.quiet):
         try:
             return int(args.func(args) or 0)
@@ -333,15 +349,18 @@ def _parameter_count(model: torch.nn.Module) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
 
-def read_paragraphs(path: Path) -> list[str]:
-    """One sample per paragraph (blank-line separated), surrounding whitespace stripped, empty ones dropped."""
+def read_samples(path: Path) -> list[str]:
+    """One sample per paragraph (blank-line separated); a file with ``<|endoftext|>`` lines (the bundled text
+    files) has one sample per document between them instead. Whitespace is stripped and empty samples dropped.
+    """
     if not path.is_file():
         raise CLIError(f"--text-file {path}: no such file")
     text = path.read_text(encoding="utf-8")
-    paragraphs = [p.strip() for p in _PARAGRAPH.split(text) if p.strip()]
-    if not paragraphs:
+    splitter = _DOCUMENT if _DOCUMENT.search(text) else _PARAGRAPH
+    samples = [p.strip() for p in splitter.split(text) if p.strip()]
+    if not samples:
         raise CLIError(f"--text-file {path} has no text")
-    return paragraphs
+    return samples
 
 
 def _texts_from_disk(path: Path) -> tuple[list[str] | None, list[list[int]] | None]:
@@ -374,7 +393,7 @@ def token_samples(
             raise CLIError(f"--dataset {args.dataset}: no such directory")
         texts, ids = _texts_from_disk(path)
     elif args.text_file is not None or default_text is not None:
-        texts = read_paragraphs(args.text_file if args.text_file is not None else default_text)
+        texts = read_samples(args.text_file if args.text_file is not None else default_text)
     else:
         raise CLIError("no calibration text: pass --text-file FILE or --dataset PATH")
     limit = args.num_samples
@@ -538,8 +557,8 @@ def _print_checkpoint(output: Path, indent: str = "") -> None:
 def measure_sinks(
     model: torch.nn.Module, samples: list[list[int]], *, noise_levels: int, seed: int | None, name: str,
     progress: bool,
-):
-    """The trajectory phase alone, with per-layer scores (what the pictures show); returns (dynamics, report)."""
+) -> SinkDynamics:
+    """The trajectory phase alone, with per-layer scores (what the pictures show)."""
     import torch
 
     from sink_modifier.adapters import adapter_for
@@ -551,47 +570,53 @@ def measure_sinks(
     tensors = [torch.tensor(s, dtype=torch.long) for s in samples]
     result = run_trajectory(model, adapter, tensors, settings, progress=progress)
     report = {"model": name, **result.report(settings, adapter)}
-    return SinkDynamics.from_trajectory(display_name(name), result, report), report
+    return SinkDynamics.from_trajectory(display_name(name), result, report)
+
+
+def write_inspection(dynamics: list, directory: Path) -> dict[str, Path]:
+    """sink_report.json (first model), sink_report_compare.json (second), the pictures and report.html."""
+    from sink_modifier.plots import render_inspection
+    from sink_modifier.report import write_report
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_report(dynamics[0].report, directory)
+    if len(dynamics) > 1:
+        compare = json.dumps(dynamics[1].report, indent=2, sort_keys=True)
+        (directory / "sink_report_compare.json").write_text(compare)
+    return render_inspection(dynamics, directory)
 
 
 def _default_text() -> Path | None:
     """The bundled evaluation slice, when the bundled models are installed."""
     try:
         from sink_modifier.bundled import eval_slice_path
-    except ImportError:
+
+        return Path(eval_slice_path())
+    except (ImportError, FileNotFoundError):
         return None
-    path = Path(eval_slice_path())
-    return path if path.is_file() else None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from sink_modifier.plots import render_inspection
-    from sink_modifier.report import write_report
-
     output = check_output(args.output, args.overwrite)
     if args.dataset is not None and not Path(args.dataset).expanduser().exists():
         raise CLIError(f"--dataset {args.dataset}: inspect reads only datasets saved to disk; no such directory")
-    dynamics, reports = [], []
+    dynamics = []
     for name in [args.model] + ([args.compare] if args.compare else []):
         _seed_everything(args.seed)
         model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         samples = token_samples(args, tokenizer, default_text=_default_text())
-        dyn, report = measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed, name=name,
-                                    progress=not args.quiet)
-        dynamics.append(dyn)
-        reports.append(report)
+        dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed, name=name,
+                                      progress=not args.quiet))
         del model
     with staged_directory(output, overwrite=args.overwrite) as staging:
-        write_report(reports[0], staging)
-        if len(reports) > 1:
-            (staging / "sink_report_compare.json").write_text(json.dumps(reports[1], indent=2, sort_keys=True))
-        pictures = render_inspection(dynamics, staging)
+        pictures = write_inspection(dynamics, staging)
     print(f"Sink dynamics of {' vs '.join(d.name for d in dynamics)} "
-          f"({reports[0]['num_samples']} samples x {args.noise_levels} states, {len(dynamics[0].layers)} layers)")
+          f"({dynamics[0].report['num_samples']} samples x {args.noise_levels} states, "
+          f"{len(dynamics[0].layers)} layers)")
     _print_table(_sink_rows(dynamics))
     print(f"report:      {output / 'report.html'}")
     print(f"sink report: {output / 'sink_report.json'}" + (
-        f" and {output / 'sink_report_compare.json'}" if len(reports) > 1 else ""))
+        f" and {output / 'sink_report_compare.json'}" if len(dynamics) > 1 else ""))
     print("pictures:    " + ", ".join(p.name for p in pictures.values() if p.suffix == ".png"))
     return 0
 
@@ -640,7 +665,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         texts, ids = _texts_from_disk(Path(args.dataset).expanduser())
         inputs = texts if texts is not None else ids
     else:
-        inputs = read_paragraphs(args.text_file if args.text_file is not None else default)
+        inputs = read_samples(args.text_file if args.text_file is not None else default)
     if args.num_samples:
         inputs = inputs[: args.num_samples]
     start = time.perf_counter()
@@ -665,8 +690,133 @@ def _ppl(result) -> str:
 # --------------------------------------------------------------------------- demo
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """How much work the demo does; ``QUICK`` is for the test suite."""
+
+    calibration_samples: int = 8
+    max_seq_length: int = 128
+    eval_documents: int | None = 24  # None: the whole bundled evaluation slice
+    num_mc_samples: int = 4
+    pictures: bool = True  # inspect the dense DLM against its AR twin
+
+
+DEMO_FULL = DemoConfig()
+DEMO_QUICK = DemoConfig(calibration_samples=2, max_seq_length=64, eval_documents=6, num_mc_samples=2,
+                        pictures=False)
+CALIBRATION_TEXT = Path(__file__).parent / "assets" / "calibration.txt"
+
+
+def _demo_recipes(model: torch.nn.Module) -> dict[str, list]:
+    """recipes/sink_wanda_unstructured_50.yaml in code, and llm-compressor's Wanda with the same sparsity,
+    structure, targets (the decoder layers) and ignore list, so the sink weighting is the only difference.
+
+    The noise settings are the ``diffusion`` pipeline's defaults (10 levels, seed 0), which is what it uses when
+    the recipe has no sink-aware modifier: both recipes then calibrate on identical noised states.
+    """
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+    from sink_modifier import SinkAwarePruningModifier
+
+    targets = sorted(infer_sequential_targets(model))
+    ignore = ["re:.*lm_head.*", "re:.*embed.*"]
+    return {
+        "wanda": [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=targets, ignore=ignore)],
+        "sink_aware_wanda": [SinkAwarePruningModifier(
+            sparsity=0.5, mask_structure="unstructured", method="wanda", noise_levels=10,
+            sink_threshold_std=2.0, sink_sharpness=5.0, sink_score="raw", sink_scope="global",
+            sink_selection="all", seed=0, targets=targets, ignore=ignore,
+        )],
+    }
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    raise CLIError("the demo needs the bundled model, which is not installed yet")
+    from sink_modifier.evaluation import perplexity
+
+    try:
+        from sink_modifier.bundled import bundled_model_path, eval_slice_path
+    except ImportError as error:
+        raise CLIError("the bundled models are not installed (sink_modifier/bundled is missing)") from error
+    config = DEMO_QUICK if args.quick else DEMO_FULL
+    output = check_output(args.output, args.overwrite)
+    dlm = str(bundled_model_path("dlm"))
+    eval_texts = read_samples(Path(eval_slice_path()))[: config.eval_documents]
+    calibration = read_samples(CALIBRATION_TEXT)[: config.calibration_samples]
+    start = time.perf_counter()
+
+    def evaluate(model, tokenizer):
+        return perplexity(model, eval_texts, tokenizer=tokenizer, num_mc_samples=config.num_mc_samples,
+                          seed=args.seed, max_length=config.max_seq_length)
+
+    results, sparsity = {}, {}
+    with staged_directory(output, overwrite=args.overwrite) as staging:
+        _seed_everything(args.seed)
+        model, tokenizer = load_model(dlm, dtype="float32")
+        logger.info(f"Evaluating the dense model on {len(eval_texts)} documents")
+        results["dense"], sparsity["dense"] = evaluate(model, tokenizer), pruned_fraction(model)
+        samples = [tokenizer(t, truncation=True, max_length=config.max_seq_length)["input_ids"]
+                   for t in calibration]
+        for name, recipe in _demo_recipes(model).items():
+            _seed_everything(args.seed)
+            model, tokenizer = load_model(dlm, dtype="float32")
+            # the diffusion pipeline: both modifiers calibrate on the same noised states of the same samples
+            prune(model, tokenizer, samples, recipe, staging / name, overwrite=False, pipeline="diffusion")
+            del model
+            pruned, tokenizer = load_model(str(staging / name), dtype="float32")  # what a user gets back
+            logger.info(f"Evaluating {name}")
+            results[name], sparsity[name] = evaluate(pruned, tokenizer), pruned_fraction(pruned)
+        if config.pictures:
+            dynamics = []
+            for kind in ("dlm", "ar"):
+                model, tokenizer = load_model(str(bundled_model_path(kind)), dtype="float32")
+                dynamics.append(measure_sinks(model, samples[:8], noise_levels=10, seed=0,
+                                              name=f"bundled {kind.upper()}", progress=not args.quiet))
+            write_inspection(dynamics, staging / "sinks")
+        summary = {
+            "model": "bundled dlm", "seed": args.seed, "quick": args.quick, "config": dataclasses.asdict(config),
+            "results": {name: {"sparsity": sparsity[name], **r.to_dict()} for name, r in results.items()},
+        }
+        if config.num_mc_samples > 1:
+            summary["sink_aware_minus_wanda"] = _paired(results["sink_aware_wanda"], results["wanda"])
+        (staging / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    elapsed = time.perf_counter() - start
+    _print_demo(output, results, sparsity, summary, config, elapsed)
+    return 0
+
+
+def _paired(a, b) -> dict:
+    """Mean and standard error of the per-token NLL difference a - b, paired by MC sample (same masks)."""
+    import statistics
+
+    diffs = [x - y for x, y in zip(a.sample_nlls, b.sample_nlls, strict=True)]
+    return {"nll_per_token": statistics.fmean(diffs),
+            "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"),
+            "num_mc_samples": len(diffs)}
+
+
+def _print_demo(output: Path, results: dict, sparsity: dict, summary: dict, config: DemoConfig,
+                elapsed: float) -> None:
+    labels = {"dense": "dense", "wanda": "Wanda (llm-compressor)", "sink_aware_wanda": "sink-aware Wanda"}
+    dense = results["dense"].nll_per_token
+    rows = [["model", "zeros", "ELBO perplexity", "NLL/token", "vs dense"]]
+    for name, result in results.items():
+        rows.append([labels[name], f"{sparsity[name]:.1%}", _ppl(result), f"{result.nll_per_token:.4f}",
+                     "" if name == "dense" else f"{result.nll_per_token - dense:+.4f}"])
+    print(f"Bundled DLM, 50% unstructured Wanda, calibrated on {config.calibration_samples} samples x "
+          f"10 noise levels; ELBO on {results['dense'].num_tokens} tokens, "
+          f"{config.num_mc_samples} MC samples ({elapsed:.0f} s)")
+    _print_table(rows, left=1)
+    if "sink_aware_minus_wanda" in summary:
+        paired = summary["sink_aware_minus_wanda"]
+        print(f"sink-aware minus Wanda: {paired['nll_per_token']:+.4f} ± {paired['stderr']:.4f} nats/token "
+              "(paired over MC samples: same masks for every model)")
+    print(f"results:     {output / 'results.json'}")
+    for name in ("wanda", "sink_aware_wanda"):
+        print(f"checkpoint:  {output / name}/  (recipe.yaml inside"
+              + (", sink_report.json)" if name == "sink_aware_wanda" else ")"))
+    if config.pictures:
+        print(f"sink report: {output / 'sinks' / 'report.html'}  (dense DLM vs its AR twin)")
 
 
 if __name__ == "__main__":

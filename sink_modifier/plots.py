@@ -107,10 +107,11 @@ def _ticks(n: int, most: int = 10) -> list[int]:
 def plot_heatmaps(dyn: SinkDynamics, path: str | Path) -> Path:
     """One panel per layer: sink score over (denoising step x position) for the pictured sample."""
     num_states, groups, length = dyn.scores.shape
-    cols = min(groups, 4)
+    absent = bool(np.isnan(dyn.scores).any())
+    cols = 3 if groups > 4 and groups % 4 and groups % 3 == 0 else min(groups, 4)
     rows = int(np.ceil(groups / cols))
-    panel_w = float(np.clip(length / 14, 3.6, 7.5))
-    panel_h = float(np.clip(num_states / 3.5, 2.4, 5.0))
+    panel_w = float(np.clip(length / 24, 3.6, 5.0))
+    panel_h = float(np.clip(num_states / 3.5, 2.4, 3.6))
     fig = Figure(figsize=(cols * panel_w + 1.4, rows * panel_h + 1.5), dpi=_DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     cmap = _cmap("magma")
@@ -133,7 +134,7 @@ def plot_heatmaps(dyn: SinkDynamics, path: str | Path) -> Path:
     colorbar.set_label("sink score (0 = ordinary token, 1 = sink)")
     fig.suptitle(
         f"Sink score per layer: {dyn.name}\n{dyn.trajectory} trajectory, {dyn.adapter} adapter, "
-        f"sample {dyn.sample_index} ({length} tokens; grey = not yet visible)",
+        f"sample {dyn.sample_index} ({length} tokens" + ("; grey = not decoded yet)" if absent else ")"),
         fontsize=12,
     )
     return _save(fig, path)
@@ -171,7 +172,7 @@ def plot_temporal_variance(dynamics: list[SinkDynamics], path: str | Path) -> Pa
     bars.set_xticklabels([short_layer_name(name) for name in dynamics[0].layers], rotation=_rotation(groups))
     bars.set_ylabel("mean over positions of Var over steps")
     bars.set_title("Sink-score temporal variance per layer\n(mean ± std over samples)", fontsize=10)
-    bars.legend(fontsize=8, loc="upper left")
+    bars.legend(fontsize=8, loc="best")
     fig.suptitle("How much each position's sink score changes while the model denoises", fontsize=12)
     return _save(fig, path)
 

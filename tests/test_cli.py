@@ -253,3 +253,43 @@ def test_eval_prints_perplexity(capsys, request, text_file, kind):
     assert result["num_mc_samples"] == (2 if kind == "dlm" else 0)
     code, out, _ = run_cli(capsys, "eval", path, "--text-file", text_file, "--num-mc-samples", 2, "-q")
     assert ("ELBO perplexity" in out) == (kind == "dlm") and "tokens" in out
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def bundled_or_skip():
+    try:
+        from sink_modifier.bundled import bundled_model_path, eval_slice_path
+
+        return bundled_model_path("dlm"), bundled_model_path("ar"), eval_slice_path()
+    except (ImportError, FileNotFoundError) as error:
+        pytest.skip(f"the bundled models are not installed: {error}")
+
+
+def test_demo_quick_end_to_end(capsys, tmp_path):
+    bundled_or_skip()
+    output = tmp_path / "demo"
+    code, out, err = run_cli(capsys, "demo", "--quick", "--output", output, "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in output.iterdir()) == ["results.json", "sink_aware_wanda", "wanda"]
+    results = json.loads((output / "results.json").read_text())["results"]
+    assert list(results) == ["dense", "wanda", "sink_aware_wanda"]
+    assert results["dense"]["sparsity"] == 0.0
+    for name in ("wanda", "sink_aware_wanda"):
+        assert results[name]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert np.isfinite(results[name]["perplexity"]) and results[name]["num_mc_samples"] == 2
+        assert (output / name / "recipe.yaml").is_file() and (output / name / "model.safetensors").is_file()
+    assert (output / "sink_aware_wanda" / "sink_report.json").is_file()
+    assert "WandaPruningModifier" in (output / "wanda" / "recipe.yaml").read_text()
+    assert "SinkAwarePruningModifier" in (output / "sink_aware_wanda" / "recipe.yaml").read_text()
+    for text in ("dense", "Wanda (llm-compressor)", "sink-aware Wanda", "50.0%", str(output / "results.json")):
+        assert text in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_demo_refuses_a_non_empty_output(capsys, tmp_path):
+    bundled_or_skip()
+    (tmp_path / "x").write_text("mine")
+    code, _, err = run_cli(capsys, "demo", "--quick", "--output", tmp_path)
+    assert code == 1 and "is not empty; pass --overwrite" in err
