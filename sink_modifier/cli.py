@@ -3,8 +3,8 @@
 A thin front over the library: ``run`` is ``llmcompressor.oneshot`` with a recipe, ``inspect`` is the trajectory
 phase alone plus pictures, ``eval`` is ``sink_modifier.evaluation``, ``demo`` chains them on the bundled small
 DLM. Results go to stdout, logs (loguru, llm-compressor's logger) and progress bars to stderr, so
-``sink-prune ... > result.txt`` keeps only results. Heavy imports happen inside the commands, so ``--help`` and
-argument errors are quick.
+``sink-prune ... > result.txt`` keeps only results. Models, datasets and matplotlib are imported inside the
+commands that need them.
 """
 
 from __future__ import annotations
@@ -61,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("--quiet", "-q", action="store_true",
                        help="no progress bars; log warnings and errors only")
-    quiet.add_argument("--threads", type=_positive, metavar="N",
-                       help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "
-                       "on a shared machine)")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow the model's own Python code from the Hub to run (off by default)")
@@ -81,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
     _data_options(run, samples=128, length=512, dataset_help="a datasets dataset saved with save_to_disk "
                   "(column 'input_ids' or 'text'); any other value is passed to llm-compressor as a dataset "
-                  "name, which needs the network")
+                  "name, which needs the network",
+                  seed_help="seed Python, NumPy and torch, and override the seed of the recipe's "
+                  "SinkAwarePruningModifiers (default: the recipe's)")
     run.add_argument("--recipe", required=True, type=Path, help="llm-compressor recipe (YAML file)")
     run.add_argument("--pipeline", default="independent",
                      choices=["independent", "sequential", "basic", "diffusion"],
@@ -97,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "model (typically the AR twin of a DLM) is measured the same way and drawn next to the first.",
     )
     inspect.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
-    _data_options(inspect, samples=16, length=128, dataset_help=_DISK_DATASET, default_text=True)
+    _data_options(inspect, samples=16, length=128, dataset_help=_DISK_DATASET, default_text=True,
+                  seed_help="seed of the forward-noise masks (default: 0)")
     inspect.add_argument("--trajectory", default="forward_noise", choices=["forward_noise"],
                          help="how the denoising states are produced (default: forward_noise)")
     inspect.add_argument("--compare", metavar="OTHER_MODEL", help="a second model to measure and draw alongside")
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
     _data_options(evaluate, samples=None, length=128, dataset_help=_DISK_DATASET, default_text=True,
-                  length_help="evaluation window in tokens; longer texts are cut into windows")
+                  length_help="evaluation window in tokens; longer texts are cut into windows",
+                  seed_help="seed of the ELBO's masks (default: 0)")
     evaluate.add_argument("--num-mc-samples", type=_positive, default=16, metavar="N",
                           help="Monte-Carlo samples of the ELBO (DLMs only; default: 16)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -132,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller configuration (used by the test suite)")
     demo.add_argument("--seed", type=int, default=0, metavar="S",
                       help="seed of the evaluation masks (default: 0)")
-    demo.set_defaults(func=cmd_demo, threads=1)
-    next(a for a in demo._actions if a.dest == "threads").help = (
-        "CPU threads for torch (default: 1; the bundled model is too small to gain from more, and one thread "
-        "cannot be oversubscribed)")
+    demo.add_argument("--threads", type=_positive, default=1, metavar="N",
+                      help="CPU threads for torch (default: 1; the bundled model is too small to gain from more, "
+                      "and one thread cannot be oversubscribed)")
+    demo.set_defaults(func=cmd_demo)
+    for command in (run, inspect, evaluate):
+        command.add_argument("--threads", type=_positive, metavar="N",
+                             help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "
+                             "on a shared machine)")
     return parser
 
 
@@ -145,8 +150,9 @@ _DISK_DATASET = "a datasets dataset saved with save_to_disk (column 'input_ids' 
 def _data_options(
     parser: argparse.ArgumentParser, *, samples: int | None, length: int, dataset_help: str,
     default_text: bool = False, length_help: str = "truncate each sample to L tokens",
+    seed_help: str = "random seed (default: 0)",
 ) -> None:
-    group = parser.add_argument_group("text")
+    group = parser.add_argument_group("evaluation text" if parser.prog.endswith("eval") else "calibration text")
     source = group.add_mutually_exclusive_group()
     fallback = " (default: the evaluation slice shipped with the bundled model)" if default_text else ""
     source.add_argument("--text-file", type=Path, metavar="FILE",
@@ -158,7 +164,7 @@ def _data_options(
                        help=f"number of samples (default: {samples or 'all'})")
     group.add_argument("--max-seq-length", type=_positive, default=length, metavar="L",
                        help=f"{length_help} (default: {length})")
-    group.add_argument("--seed", type=int, metavar="S", help="random seed (default: 0)")
+    group.add_argument("--seed", type=int, metavar="S", help=seed_help)
 
 
 def _version() -> str:
@@ -183,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     with _console(quiet=args.quiet):
         try:
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
             return 1
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _is_user_error(error: Exception) -> bool:
