@@ -13,6 +13,8 @@ import re
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
@@ -21,12 +23,13 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from pydantic import Field, PrivateAttr, field_validator
 
 from sink_modifier.adapters import AdapterName, DiffusionAdapter, adapter_for
+from sink_modifier.compat import make_saveable
 from sink_modifier.report import attach_report
 from sink_modifier.scales import (
     SampleScales,
     StateScales,
     calibration_rows,
-    fix_calibration_order,
+    warn_if_ranks_share_data,
 )
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
 
@@ -129,7 +132,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             sparsity=self.sparsity, mask_structure=self.mask_structure, targets=self.targets,
             ignore=self.ignore, **extra,
         )
-        # Fail now, not after hours of calibration, when the model cannot be driven.
+        # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
+        make_saveable(model)
         self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
         return True
 
@@ -150,6 +154,11 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
         inp = args[0]
+        if not torch.isfinite(inp).all():
+            raise FloatingPointError(
+                f"Non-finite input to {self._module_names[module]} during calibration: the model overflows in "
+                f"{inp.dtype} on this data; load it in bfloat16 or float32"
+            )
         scale = self._current_scales(inp.device)[:, self._module_group.get(module, 0)]  # [B, T]
         if inp.dim() == 3 and inp.shape[:2] == scale.shape:
             weighted = inp.float() * scale.unsqueeze(-1)
@@ -163,6 +172,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._engine.calibrate_module(module, (weighted, *args[1:]), output)
 
     def compress_modules(self):
+        if is_distributed():
+            self._reduce_statistics_across_ranks()
         self._engine.compress_modules()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -189,7 +200,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales."""
         if dataloader is None:
             raise ValueError("SinkAwarePruningModifier needs calibration data: pass a dataset to oneshot")
-        fix_calibration_order(dataloader)
+        warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows:
             raise ValueError("The calibration dataset is empty")
@@ -202,6 +213,25 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             scales.add(row, valid, sample.tokens, sample.mean_row_scales)
         self._trajectory = result
         return scales
+
+    def _reduce_statistics_across_ranks(self):
+        """Combine every rank's Wanda row statistics or SparseGPT Hessians into the all-data mean.
+
+        llm-compressor 0.14 splits calibration data across ranks but its Wanda and SparseGPT modifiers never
+        reduce their statistics, so each rank would prune from its own shard. Each engine keeps a running mean
+        over its ``n`` samples; the global mean is ``sum_r n_r mean_r / sum_r n_r``. Every rank then selects the
+        same mask from the same statistics, so no broadcast of weights is needed.
+        """
+        engine = self._engine
+        stats = engine._row_scalars if self.method == "wanda" else engine._hessians
+        for module in list(engine._num_samples):
+            count = torch.tensor(float(engine._num_samples[module]), device=stats[module].device)
+            total = count.clone()
+            weighted = stats[module] * count
+            dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            stats[module] = weighted / total
+            engine._num_samples[module] = int(total.item())
 
     def _observe_batch(self, module, args):
         self._scales.observe(active_session().state.current_batch_idx, args[0])

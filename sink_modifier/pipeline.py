@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from sink_modifier.adapters import adapter_for
 from sink_modifier.modifier import SinkAwarePruningModifier
-from sink_modifier.scales import StateScales, calibration_rows
+from sink_modifier.scales import StateScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
 
 __all__ = ["DiffusionPipeline", "state_dataloader"]
@@ -60,6 +60,7 @@ class DiffusionPipeline(CalibrationPipeline):
         ]
         settings, adapter_args = _settings(modifiers)
         adapter = adapter_for(model, **adapter_args)
+        warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):
             raise ValueError("The calibration dataset is empty (or all padding)")

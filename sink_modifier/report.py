@@ -1,13 +1,19 @@
-"""The sink report travels with the model: its ``save_pretrained`` writes ``sink_report.json`` too.
+"""Saving: the sink report travels with the model, and no run leaves a half-written checkpoint.
 
 ``oneshot`` saves the model after every modifier has finalized and never tells modifiers where; wrapping the
 model's own ``save_pretrained`` is the one place that sees the output directory, whatever entry point saves.
+The wrapper writes the checkpoint and ``sink_report.json`` into a temporary sibling directory and moves it into
+place only once everything is written, so an exception or Ctrl-C while saving leaves the output directory as
+it was (absent, if it did not exist).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +30,26 @@ def write_report(report: dict, directory: str | Path) -> Path:
     return path
 
 
+def publish(staging: Path, target: Path) -> None:
+    """Move a complete ``staging`` directory to ``target``.
+
+    A new target is one atomic rename. An existing target keeps its other files; each written file replaces
+    its namesake atomically, config.json last, so a reader never sees new weights with an old config.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == "config.json")
+    for source in files:
+        destination = target / source.relative_to(staging)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def attach_report(model: torch.nn.Module, report: dict) -> None:
-    """Make ``model.save_pretrained(dir)`` also write ``report`` to ``dir/sink_report.json``."""
+    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report``, then publish it to ``dir``."""
     previous = getattr(model, "_sink_report", None)
     model._sink_report = report
     if previous is not None:
@@ -34,8 +58,15 @@ def attach_report(model: torch.nn.Module, report: dict) -> None:
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
-        result = original(save_directory, *args, **kwargs)
-        write_report(model._sink_report, save_directory)
+        target = Path(save_directory).absolute()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            result = original(str(staging), *args, **kwargs)
+            write_report(model._sink_report, staging)
+            publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return result
 
     model.save_pretrained = save_pretrained

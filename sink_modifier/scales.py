@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from loguru import logger
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler
 
 
 class CalibrationMismatchError(RuntimeError):
@@ -94,32 +94,41 @@ class StateScales:
         return self._batches[batch_idx]
 
 
-class _FixedOrderSampler(Sampler[int]):
-    def __init__(self, order: list[int]):
-        self.order = order
+def warn_if_ranks_share_data(dataloader: DataLoader) -> None:
+    """Say so when llm-compressor's rank partition gives every rank the same shard.
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-
-def fix_calibration_order(dataloader: DataLoader) -> None:
-    """Draw the shuffled calibration order once and keep it for the rest of the run.
-
-    llm-compressor's ``RandomSampler`` draws a new subset and order every time it is iterated, so the pre-pass
-    would measure different samples than the pipeline calibrates on. Fixing the draw keeps the shuffle the user
-    asked for and makes every later pass (ours, the pipeline's, the next modifier's) see the same samples.
+    llm-compressor 0.14 partitions a dataset that is identical on every rank by building each rank's sampler
+    over ``dataset.select(range(start, end))`` but handing the DataLoader the whole dataset, so the sampler's
+    indices read the *first* shard on every rank. The modifier cannot repair the pipeline's own dataloader
+    (llm-compressor hands modifiers a deep copy), so it reports the problem and the fix instead.
     """
-    batch_sampler = getattr(dataloader, "batch_sampler", None)
-    if isinstance(batch_sampler, BatchSampler) and isinstance(batch_sampler.sampler, RandomSampler):
-        batch_sampler.sampler = _FixedOrderSampler(list(iter(batch_sampler.sampler)))
-        logger.info("Sink-aware pruning: fixed the shuffled calibration order for this run")
+    from compressed_tensors.offload.dist_utils import is_distributed
+
+    source = getattr(getattr(getattr(dataloader, "batch_sampler", None), "sampler", None), "data_source", None)
+    if is_distributed() and source is not None and len(source) < len(dataloader.dataset):
+        logger.warning(
+            "llm-compressor 0.14 gives every rank the first shard of a dataset shared by all ranks, so the ranks "
+            "calibrate on the same samples. Pass each rank its own shard instead, e.g. "
+            "dataset.shard(num_shards=world_size, index=rank, contiguous=True); sink and pruning statistics "
+            "are then reduced over all of them."
+        )
 
 
 def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every row of every calibration batch as (collated row, valid mask)."""
+    """Every row the pipeline may calibrate on, as (collated row, valid mask).
+
+    Modifiers get a deep copy of the pipeline's dataloader, so when llm-compressor draws a random subset
+    (``num_calibration_samples`` smaller than the dataset) the copy would draw a different one; every row of
+    the dataset is then measured, with a warning about the cost.
+    """
+    sampler = getattr(getattr(dataloader, "batch_sampler", None), "sampler", None)
+    if isinstance(sampler, RandomSampler) and sampler.num_samples < len(sampler.data_source):
+        logger.warning(
+            f"llm-compressor draws {sampler.num_samples} of {len(sampler.data_source)} calibration rows at "
+            "random, so sink statistics are computed for all of them. Pass a dataset of exactly "
+            "num_calibration_samples rows, or shuffle_calibration_samples=False, to avoid the extra work."
+        )
+        dataloader = DataLoader(sampler.data_source, batch_size=1, collate_fn=dataloader.collate_fn)
     for batch in dataloader:
         input_ids = batch["input_ids"]
         if input_ids.dim() == 1:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from compressed_tensors.offload.dist_utils import is_distributed
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,24 +58,28 @@ class TrajectoryResult:
     layer_names: list[str] = field(default_factory=list)
 
     def report(self, settings: TrajectorySettings, adapter: DiffusionAdapter) -> dict:
-        """The content of ``sink_report.json``."""
+        """The content of ``sink_report.json`` (over every rank's samples under torch.distributed)."""
+        samples = [
+            {"length": int(s.tokens.numel()), "noise_levels": [st.noise_level for st in s.states],
+             **s.summary.to_dict()}
+            for s in self.samples
+        ]
+        summaries = [s.summary for s in self.samples]
+        if is_distributed():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (samples, summaries))
+            samples = [x for rank_samples, _ in gathered for x in rank_samples]
+            summaries = [x for _, rank_summaries in gathered for x in rank_summaries]
         return {
             "adapter": adapter.name,
             "trajectory": "forward_noise",
             "settings": settings.model_dump(),
-            "num_samples": len(self.samples),
-            "num_states": sum(len(s.states) for s in self.samples),
+            "num_samples": len(samples),
+            "num_states": sum(len(s["noise_levels"]) for s in samples),
             "layers": self.layer_names,
             "groups": ["all_layers"] if settings.sink_scope == "global" else self.layer_names,
-            "aggregate": statistics.aggregate([s.summary for s in self.samples]),
-            "samples": [
-                {
-                    "length": int(s.tokens.numel()),
-                    "noise_levels": [st.noise_level for st in s.states],
-                    **s.summary.to_dict(),
-                }
-                for s in self.samples
-            ],
+            "aggregate": statistics.aggregate(summaries),
+            "samples": samples,
         }
 
 
@@ -154,6 +160,11 @@ def run_trajectory(
             result.layer_names = list(probe.layer_names)
             for tokens in tqdm(samples, desc="Sink trajectory", disable=not progress, unit="sample"):
                 tokens = tokens.to(torch.long).cpu()
+                if tokens.numel() < 2:
+                    raise ValueError(
+                        f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
+                        "positions. Remove empty or one-token samples from the dataset"
+                    )
                 states = adapter.forward_noise_states(
                     tokens, levels=settings.noise_levels, eps=settings.noise_eps, seed=settings.seed
                 )

@@ -1,0 +1,42 @@
+"""One rank of the multi-process calibration test (launched by torchrun from test_distributed.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from datasets import load_from_disk
+from llmcompressor import oneshot
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from sink_modifier import SinkAwarePruningModifier
+
+
+def main(model_path: str, dataset_path: str, method: str, pipeline: str, output: str):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    modifier = SinkAwarePruningModifier(sparsity=0.5, method=method)
+    # Each rank passes its own shard (llm-compressor 0.14's automatic split of a shared dataset hands every
+    # rank the first shard; see docs/failure-modes.md).
+    dataset = load_from_disk(dataset_path).shard(num_shards=dist.get_world_size(), index=rank, contiguous=True)
+    oneshot(model=model, dataset=dataset, recipe=[modifier], pipeline=pipeline, shuffle_calibration_samples=False)
+    report = modifier.report
+    if rank == 0:
+        weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if "layers" in n}
+        save_file(weights, os.path.join(output, "weights.safetensors"))
+        with open(os.path.join(output, "report.json"), "w") as f:
+            json.dump(report, f)
+    with open(os.path.join(output, f"rank{rank}.json"), "w") as f:
+        local_samples = len(modifier._trajectory.samples)  # this rank's share of the calibration set
+        json.dump({"local_samples": local_samples, "world_size": dist.get_world_size()}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
