@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from llmcompressor import oneshot
 from safetensors.torch import load_file
 

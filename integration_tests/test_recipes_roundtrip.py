@@ -33,7 +33,8 @@ def assert_n_of_m(weight: torch.Tensor, n: int, m: int):
 
 
 def recipe_modifier(path: Path) -> SinkAwarePruningModifier:
-    (modifier,) = [m for m in Recipe.create_instance(str(path)).modifiers if isinstance(m, SinkAwarePruningModifier)]
+    modifiers = Recipe.create_instance(str(path)).modifiers
+    (modifier,) = [m for m in modifiers if isinstance(m, SinkAwarePruningModifier)]
     return modifier
 
 
