@@ -125,8 +125,8 @@ def plot_heatmaps(dyn: SinkDynamics, path: str | Path) -> Path:
         ax.set_title(short_layer_name(dyn.layers[g]), fontsize=11)
         ax.set_xlabel("token position")
         ax.set_ylabel("denoising step")
-        ax.set_yticks(_ticks(num_states, 8))
-        ax.set_yticklabels([dyn.step_labels[i] for i in _ticks(num_states, 8)], fontsize=8)
+        ax.set_yticks(_ticks(num_states, 12))
+        ax.set_yticklabels([dyn.step_labels[i] for i in _ticks(num_states, 12)], fontsize=8)
         ax.set_xticks(_ticks(length))
     for ax in axes[groups:]:
         ax.set_visible(False)
