@@ -157,11 +157,14 @@ def attends_bidirectionally(model: torch.nn.Module) -> bool:
     second = first.clone()
     second[0, -1] = 5 % vocab
     device = next(model.parameters()).device
+    from sink_modifier.trajectory import no_cache_kwargs
+
     previous = getattr(config, "_attn_implementation", None)
     try:
         if previous is not None:
             config._attn_implementation = "eager"
-        outputs = [model(input_ids=x.to(device), use_cache=False).logits[0, 0] for x in (first, second)]
+        kwargs = no_cache_kwargs(model)
+        outputs = [model(input_ids=x.to(device), **kwargs).logits[0, 0] for x in (first, second)]
     finally:
         if previous is not None:
             config._attn_implementation = previous

@@ -206,8 +206,9 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             raise ValueError("The calibration dataset is empty")
         if not all(valid.any() for _, valid in rows):
             raise ValueError("A calibration sample is all padding; remove empty samples from the dataset")
+        layers = dict(match_named_modules(model, self._sequential_targets))
         result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
-                                self.trajectory_settings())
+                                self.trajectory_settings(), layers=layers)
         scales = SampleScales(pad_token_id=getattr(model.config, "pad_token_id", None))
         for (row, valid), sample in zip(rows, result.samples, strict=True):
             scales.add(row, valid, sample.tokens, sample.mean_row_scales)

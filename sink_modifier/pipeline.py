@@ -10,9 +10,11 @@ state's tokens by that state's own sink row scales (the reference Wanda variant'
 from __future__ import annotations
 
 import torch
+from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import active_session
 from llmcompressor.pipelines.registry import CalibrationPipeline
 from llmcompressor.pipelines.sequential import SequentialPipeline
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch.utils.data import DataLoader
 
 from sink_modifier.adapters import adapter_for
@@ -64,7 +66,10 @@ class DiffusionPipeline(CalibrationPipeline):
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):
             raise ValueError("The calibration dataset is empty (or all padding)")
-        result = run_trajectory(model, adapter, [row[valid] for row, valid in rows if valid.any()], settings)
+        targets = infer_sequential_targets(model, dataset_args.sequential_targets)
+        layers = dict(match_named_modules(model, targets))
+        samples = [row[valid] for row, valid in rows if valid.any()]
+        result = run_trajectory(model, adapter, samples, settings, layers=layers)
         states, scales = state_dataloader(result)
         for modifier in modifiers:
             modifier.use_trajectory(result, scales)

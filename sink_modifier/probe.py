@@ -141,7 +141,7 @@ def attention_key_mass(
     return mass
 
 
-def _discover(model: nn.Module) -> dict[str, nn.Module]:
+def discover_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Outermost modules named "*Attention": the HF and remote-code naming convention."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -196,7 +196,7 @@ class AttentionProbe:
             raise ValueError(f"route must be one of {_ROUTES}, got {route!r}")
         if query_chunk_size < 1:
             raise ValueError("query_chunk_size must be positive")
-        modules = dict(attention_modules) if attention_modules is not None else _discover(model)
+        modules = dict(attention_modules) if attention_modules is not None else discover_attention_modules(model)
         if not modules:
             raise AttentionProbeError("no attention modules found; pass attention_modules=")
         self.model = model

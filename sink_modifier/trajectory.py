@@ -8,6 +8,7 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sink_modifier import statistics
 from sink_modifier.adapters import DenoisingState, DiffusionAdapter
-from sink_modifier.probe import AttentionProbe
+from sink_modifier.probe import AttentionProbe, discover_attention_modules
 
 
 class TrajectorySettings(BaseModel):
@@ -89,6 +90,29 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return base if isinstance(base, torch.nn.Module) else model
 
 
+def _execution_device(model: torch.nn.Module) -> torch.device:
+    """Where the forward runs: the accelerator when there is one, as in llm-compressor's sequential pipeline.
+
+    A model too large for the accelerator is offloaded module by module (compressed-tensors onloads each module
+    for its forward), so the trajectory phase never needs the whole model on the accelerator at once.
+    """
+    if not torch.accelerator.is_available():
+        return next(model.parameters()).device
+    from compressed_tensors.offload import set_onload_device
+    from llmcompressor.utils.dev import get_main_device
+
+    device = get_main_device()
+    set_onload_device(model, device)
+    return device
+
+
+def no_cache_kwargs(module: torch.nn.Module) -> dict:
+    """``use_cache=False`` where the forward takes it: a trajectory forward never needs a KV cache."""
+    parameters = inspect.signature(module.forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
+
+
 def _batches(states: list[DenoisingState], size: int) -> Iterator[list[DenoisingState]]:
     for start in range(0, len(states), size):
         yield states[start : start + size]
@@ -100,14 +124,15 @@ def measure_states(
     states: list[DenoisingState], batch_size: int,
 ) -> torch.Tensor:
     """Attention mass [S, L, T] for the states of one sample (equal lengths, so no padding is needed)."""
-    device = next(model.parameters()).device
+    device = _execution_device(model)
     backbone = _base_model(model)
+    no_cache = no_cache_kwargs(backbone)
     masses = []
     for batch in _batches(states, batch_size):
         input_ids = torch.stack([s.input_ids for s in batch]).to(device)
         query_mask = adapter.query_mask(batch)
         probe.query_mask = None if query_mask is None else query_mask.to(device)
-        backbone(input_ids=input_ids, use_cache=False)
+        backbone(input_ids=input_ids, **no_cache)
         masses.append(probe.pop_masses())
     probe.query_mask = None
     mass = torch.cat(masses)
@@ -147,16 +172,23 @@ def analyse_sample(
 
 def run_trajectory(
     model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
-    settings: TrajectorySettings, *, progress: bool = True,
+    settings: TrajectorySettings, *, layers: dict[str, torch.nn.Module] | None = None, progress: bool = True,
 ) -> TrajectoryResult:
-    """The trajectory phase over clean, unpadded samples (each a 1-D tensor of token ids)."""
+    """The trajectory phase over clean, unpadded samples (each a 1-D tensor of token ids).
+
+    ``layers`` (the decoder layers, in order) name the probe's records when the model has no module called
+    "*Attention" (LLaDA computes attention inline in its blocks): each decoder layer attends exactly once.
+    """
     from tqdm import tqdm
 
     result = TrajectoryResult()
     was_training = model.training
     model.eval()
     try:
-        with AttentionProbe(model, query_chunk_size=settings.query_chunk_size) as probe:
+        attention_modules = None if discover_attention_modules(model) or not layers else layers
+        probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
+                               attention_modules=attention_modules)
+        with probe:
             result.layer_names = list(probe.layer_names)
             for tokens in tqdm(samples, desc="Sink trajectory", disable=not progress, unit="sample"):
                 tokens = tokens.to(torch.long).cpu()
