@@ -8,6 +8,7 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -60,17 +61,23 @@ class TrajectoryResult:
 
     def report(self, settings: TrajectorySettings, adapter: DiffusionAdapter) -> dict:
         """The content of ``sink_report.json`` (over every rank's samples under torch.distributed)."""
-        samples = [
-            {"length": int(s.tokens.numel()), "noise_levels": [st.noise_level for st in s.states],
-             **s.summary.to_dict()}
+        entries = [
+            (
+                hashlib.blake2b(s.tokens.numpy().tobytes(), digest_size=8).hexdigest(),
+                {"length": int(s.tokens.numel()), "noise_levels": [st.noise_level for st in s.states],
+                 **s.summary.to_dict()},
+                s.summary,
+            )
             for s in self.samples
         ]
-        summaries = [s.summary for s in self.samples]
         if is_distributed():
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (samples, summaries))
-            samples = [x for rank_samples, _ in gathered for x in rank_samples]
-            summaries = [x for _, rank_summaries in gathered for x in rank_summaries]
+            dist.all_gather_object(gathered, entries)
+            entries = [entry for rank_entries in gathered for entry in rank_entries]
+        # Ordered by content, not by the (shuffled) calibration order, so the same data gives the same report.
+        entries.sort(key=lambda entry: entry[0])
+        samples = [entry[1] for entry in entries]
+        summaries = [entry[2] for entry in entries]
         return {
             "adapter": adapter.name,
             "trajectory": "forward_noise",

@@ -1,0 +1,106 @@
+"""Interruptions never leave a checkpoint that looks valid; runs are deterministic; overflow is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from llmcompressor import oneshot
+from llmcompressor.recipe import Recipe
+
+from conftest import calibration_dataset, load_model
+from sink_modifier import SinkAwarePruningModifier
+from sink_modifier.adapters import MaskedDiffusionAdapter
+from sink_modifier.report import attach_report
+from sink_modifier.toy import MASK_ID
+from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+
+
+def pruned(path, seed=0, pipeline="independent"):
+    model = load_model(path)
+    modifier = SinkAwarePruningModifier(sparsity=0.5, seed=seed, noise_levels=4)
+    oneshot(model=model, dataset=calibration_dataset(path), recipe=[modifier], pipeline=pipeline)
+    return model, modifier
+
+
+@pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+def test_same_inputs_and_seed_give_identical_masks_and_reports(dlm_path, pipeline):
+    (a, ra), (b, rb) = pruned(dlm_path, pipeline=pipeline), pruned(dlm_path, pipeline=pipeline)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert json.dumps(ra.report, sort_keys=True) == json.dumps(rb.report, sort_keys=True)
+    _, rc = pruned(dlm_path, seed=1, pipeline=pipeline)
+    assert json.dumps(ra.report["samples"]) != json.dumps(rc.report["samples"])  # the seed drives the noise
+
+
+class DiesWhileSaving(torch.nn.Module):
+    """A model whose save is interrupted after the weights are written (Ctrl-C, a full disk, a crash)."""
+
+    def save_pretrained(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+
+def test_interrupted_save_leaves_no_output_directory(tmp_path):
+    model = DiesWhileSaving()
+    attach_report(model, {"num_samples": 1})
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.iterdir()), "no staging directory is left behind"
+
+
+def test_failure_during_calibration_writes_nothing(dlm_path, tmp_path, monkeypatch):
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("injected failure during calibration")
+
+    monkeypatch.setattr(SinkAwarePruningModifier, "compress_modules", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        oneshot(model=load_model(dlm_path), dataset=calibration_dataset(dlm_path), output_dir=str(tmp_path / "o"),
+                recipe=[SinkAwarePruningModifier()])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_existing_directory_keeps_other_files_and_gets_a_complete_checkpoint(dlm_path, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    model, _ = pruned(dlm_path)
+    model.save_pretrained(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {"model.safetensors", "config.json", "sink_report.json"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overflowing_attention_is_reported_with_the_layer(dlm_path):
+    model = load_model(dlm_path)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.fill_(math.inf)
+    with pytest.raises(FloatingPointError, match=r"layers\.1"):
+        run_trajectory(model, MaskedDiffusionAdapter(MASK_ID), [torch.arange(5, 25)], TrajectorySettings(),
+                       progress=False)
+
+
+def test_overflowing_activation_is_reported_with_the_module(dlm_path):
+    model = load_model(dlm_path)
+    # an activation that overflows after attention: the trajectory phase sees finite attention
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.fill_(1e38)
+    with pytest.raises(FloatingPointError, match=r"layers\.1\.mlp\.down_proj"):
+        oneshot(model=model, dataset=calibration_dataset(dlm_path), recipe=[SinkAwarePruningModifier()])
+
+
+def test_recipes_are_parsed_with_a_safe_loader():
+    hostile = "sparsity_stage:\n  sparsity_modifiers: !!python/object/apply:os.system ['echo pwned']\n"
+    with pytest.raises((yaml.YAMLError, ValueError)):
+        Recipe.create_instance(hostile)
+
+
+def test_too_short_samples_are_refused(dlm_path):
+    with pytest.raises(ValueError, match="at least 2"):
+        run_trajectory(load_model(dlm_path), MaskedDiffusionAdapter(MASK_ID), [torch.tensor([7])],
+                       TrajectorySettings(), progress=False)
