@@ -25,6 +25,7 @@ __all__ = [
     "SinkDynamics",
     "plot_heatmaps",
     "plot_layer_statistics",
+    "plot_side_by_side",
     "plot_temporal_variance",
     "render_inspection",
     "write_html",
@@ -140,6 +141,35 @@ def plot_heatmaps(dyn: SinkDynamics, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_side_by_side(dynamics: list[SinkDynamics], path: str | Path, layer: int | None = None) -> Path:
+    """The paper's contrast in one picture: the same layer's sink score of every model, side by side.
+
+    ``layer`` defaults to the middle layer (the same index in every model).
+    """
+    groups = min(d.scores.shape[1] for d in dynamics)
+    layer = groups // 2 if layer is None else layer
+    if not 0 <= layer < groups:
+        raise ValueError(f"layer {layer} is out of range: the models have {groups} layers")
+    fig = Figure(figsize=(5.2 * len(dynamics) + 1.2, 4.2), dpi=_DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(dynamics), squeeze=False)).ravel()
+    image = None
+    for ax, dyn in zip(axes, dynamics, strict=True):
+        num_states, _, length = dyn.scores.shape
+        image = ax.imshow(np.ma.masked_invalid(dyn.scores[:, layer, :]), aspect="auto", interpolation="nearest",
+                          cmap=_cmap("magma"), vmin=0.0, vmax=1.0)
+        ax.set_title(f"{dyn.name} ({dyn.adapter}), {short_layer_name(dyn.layers[layer])}", fontsize=11)
+        ax.set_xlabel("token position")
+        ax.set_ylabel("denoising step")
+        ax.set_yticks(_ticks(num_states, 12))
+        ax.set_yticklabels([dyn.step_labels[i] for i in _ticks(num_states, 12)], fontsize=8)
+        ax.set_xticks(_ticks(length))
+    colorbar = fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02)
+    colorbar.set_label("sink score")
+    fig.suptitle("Where the attention sink sits at each denoising step "
+                 f"({dynamics[0].trajectory} trajectory, sample {dynamics[0].sample_index})", fontsize=12)
+    return _save(fig, path)
+
+
 def plot_temporal_variance(dynamics: list[SinkDynamics], path: str | Path) -> Path:
     """Left: each position's score variance over the denoising steps, per layer (pictured sample). Right: per
     layer, that variance averaged over positions and samples, for every model side by side."""
@@ -211,6 +241,8 @@ def render_inspection(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pictures: dict[str, Path] = {}
+    if len(dynamics) > 1:
+        pictures["side_by_side"] = plot_side_by_side(dynamics, output_dir / "sink_side_by_side.png")
     for i, dyn in enumerate(dynamics):
         suffix = "" if i == 0 else "_compare" if i == 1 else f"_{i}"
         pictures[f"heatmap{suffix}"] = plot_heatmaps(dyn, output_dir / f"sink_heatmap{suffix}.png")
@@ -221,6 +253,8 @@ def render_inspection(
 
 
 _CAPTIONS = {
+    "side_by_side": "The same layer of every model: a DLM's sink moves from step to step, an autoregressive "
+    "model's stays on the first tokens.",
     "heatmap": "Sink score of every position at every denoising step, one panel per layer.",
     "temporal_variance": "Variance of each position's sink score over the denoising steps: 0 means a position is "
     "a sink (or not) at every step; high values mean the sink moves.",
@@ -229,6 +263,7 @@ _CAPTIONS = {
 }
 
 _HEADINGS = {
+    "side_by_side": "The contrast: the same layer, side by side",
     "heatmap": "Sink score along the denoising trajectory",
     "temporal_variance": "Temporal variance of the sink score",
     "layer_statistics": "Sink statistics per layer",

@@ -22,7 +22,7 @@ from sink_modifier.cli import CLIError, main, staged_directory, token_samples
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"
-PICTURES = ("sink_heatmap.png", "sink_heatmap_compare.png", "sink_temporal_variance.png",
+PICTURES = ("sink_side_by_side.png", "sink_heatmap.png", "sink_heatmap_compare.png", "sink_temporal_variance.png",
             "sink_layer_statistics.png")
 
 
@@ -123,8 +123,8 @@ def test_offline_hub_id_says_so(tmp_path):
     """The installed console script (or ``python -m``) with no network and an empty cache."""
     script = shutil.which("sink-prune")
     command = [script] if script else [sys.executable, "-m", "sink_modifier.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": ""}
-    env.pop("HF_HUB_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run(
         [*command, "run", "someone/not-a-cached-model", "--recipe", str(RECIPE), "--text-file", __file__,
          "--output", str(tmp_path / "out"), "--quiet"],
