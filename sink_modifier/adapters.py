@@ -58,6 +58,16 @@ class DiffusionAdapter(ABC):
     ) -> list[DenoisingState]:
         """The states of the forward process for one clean, unpadded sample ``tokens`` [T]."""
 
+    @abstractmethod
+    def sampler_states(
+        self, model: torch.nn.Module, tokens: torch.Tensor, *, steps: int, blocks: int,
+        prompt_fraction: float, temperature: float, seed: int,
+    ) -> list[DenoisingState]:
+        """The states the model's own sampler visits when it completes the sample's prompt.
+
+        The first ``prompt_fraction`` of the sample is the prompt; the sampler writes the rest (same length).
+        """
+
     def query_mask(self, states: list[DenoisingState]) -> torch.Tensor | None:
         """Which query rows count when measuring attention mass (None: all)."""
         return None
@@ -88,6 +98,32 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
         return states
 
 
+    def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
+        from sink_modifier.sampling import masked_diffusion_sample
+
+        length = tokens.numel()
+        answer = length - max(1, round(prompt_fraction * length))
+        answer -= answer % blocks  # every block equally long; the prompt takes the rest
+        if answer < blocks:
+            raise AdapterError(
+                f"A {length}-token sample leaves no answer of at least {blocks} tokens after its prompt; "
+                "use longer samples, a smaller prompt_fraction or fewer sampler_blocks"
+            )
+        steps = max(blocks, min(steps, answer) // blocks * blocks)  # more steps than tokens would repeat states
+        prompt = tokens[: length - answer]
+        result = masked_diffusion_sample(
+            model, prompt, answer_length=answer, steps=steps, num_blocks=blocks,
+            mask_token_id=self.mask_token_id, temperature=temperature,
+            seed=sample_generator(tokens, seed).initial_seed(), record_steps=True,
+        )
+        valid = torch.ones(length, dtype=torch.bool)
+        masked_fraction = [float((state[-answer:] == self.mask_token_id).float().mean()) for state in result.steps]
+        return [
+            DenoisingState(state, valid, step=k, noise_level=level)
+            for k, (state, level) in enumerate(zip(result.steps, masked_fraction, strict=True))
+        ]
+
+
 class AutoregressiveAdapter(DiffusionAdapter):
     """The control: an AR model "denoises" left to right, so state k is the prefix decoded after k steps.
 
@@ -106,6 +142,24 @@ class AutoregressiveAdapter(DiffusionAdapter):
         for k in range(1, levels + 1):
             prefix = max(1, math.ceil(k * length / levels))
             states.append(DenoisingState(tokens, positions < prefix, step=k - 1, noise_level=k / levels))
+        return states
+
+    @torch.no_grad()
+    def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
+        """Greedy decoding of the answer, then one state per decoding step (prefixes, as above)."""
+        length = tokens.numel()
+        prompt = tokens[: max(1, round(prompt_fraction * length))]
+        answer = length - prompt.numel()
+        device = next(model.parameters()).device
+        generated = model.generate(
+            input_ids=prompt[None].to(device), max_new_tokens=answer, min_new_tokens=answer, do_sample=False,
+            pad_token_id=getattr(model.config, "pad_token_id", None) or 0,
+        )[0].cpu()
+        positions = torch.arange(length)
+        states = []
+        for k in range(1, steps + 1):
+            decoded = prompt.numel() + math.ceil(k * answer / steps)
+            states.append(DenoisingState(generated, positions < decoded, step=k - 1, noise_level=1 - k / steps))
         return states
 
     def query_mask(self, states):

@@ -58,7 +58,6 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     # scope whatever the model calls them.
     targets: str | list[str] | None = None
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head.*", "re:.*embed.*"])
-    trajectory: Literal["forward_noise"] = "forward_noise"
     adapter: AdapterName = "auto"
     mask_token_id: int | None = Field(None, ge=0)
     # SparseGPT only

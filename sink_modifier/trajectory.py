@@ -12,12 +12,13 @@ import hashlib
 import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from compressed_tensors.offload.dist_utils import is_distributed
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
 from sink_modifier.adapters import DenoisingState, DiffusionAdapter
@@ -29,6 +30,7 @@ class TrajectorySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    trajectory: Literal["forward_noise", "sampler"] = "forward_noise"
     noise_levels: int = Field(10, ge=1)
     noise_eps: float = Field(1e-3, ge=0.0, lt=1.0)
     seed: int = 0
@@ -40,6 +42,20 @@ class TrajectorySettings(BaseModel):
     unstable_variance: float = Field(0.02, ge=0.0)
     query_chunk_size: int = Field(256, ge=1)
     trajectory_batch_size: int = Field(8, ge=1)
+    # trajectory: sampler
+    sampler_steps: int = Field(16, ge=1)
+    sampler_blocks: int = Field(1, ge=1)
+    prompt_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    sampler_temperature: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _steps_fill_blocks(self):
+        if self.sampler_steps % self.sampler_blocks:
+            raise ValueError(
+                f"sampler_steps ({self.sampler_steps}) must be a multiple of sampler_blocks "
+                f"({self.sampler_blocks}): every block gets the same number of denoising steps"
+            )
+        return self
 
 
 @dataclass
@@ -80,7 +96,7 @@ class TrajectoryResult:
         summaries = [entry[2] for entry in entries]
         return {
             "adapter": adapter.name,
-            "trajectory": "forward_noise",
+            "trajectory": settings.trajectory,
             "settings": settings.model_dump(),
             "num_samples": len(samples),
             "num_states": sum(len(s["noise_levels"]) for s in samples),
@@ -177,6 +193,33 @@ def analyse_sample(
     )
 
 
+def _sample_states(
+    model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
+    settings: TrajectorySettings,
+) -> list[tuple[torch.Tensor, list[DenoisingState]]]:
+    """Every sample's states, produced before the probe is installed (the sampler runs its own forwards)."""
+    result = []
+    for tokens in samples:
+        tokens = tokens.to(torch.long).cpu()
+        if tokens.numel() < 2:
+            raise ValueError(
+                f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
+                "positions. Remove empty or one-token samples from the dataset"
+            )
+        if settings.trajectory == "sampler":
+            states = adapter.sampler_states(
+                model, tokens, steps=settings.sampler_steps, blocks=settings.sampler_blocks,
+                prompt_fraction=settings.prompt_fraction, temperature=settings.sampler_temperature,
+                seed=settings.seed,
+            )
+        else:
+            states = adapter.forward_noise_states(
+                tokens, levels=settings.noise_levels, eps=settings.noise_eps, seed=settings.seed
+            )
+        result.append((tokens, states))
+    return result
+
+
 def run_trajectory(
     model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
     settings: TrajectorySettings, *, layers: dict[str, torch.nn.Module] | None = None, progress: bool = True,
@@ -192,21 +235,13 @@ def run_trajectory(
     was_training = model.training
     model.eval()
     try:
+        sample_states = _sample_states(model, adapter, samples, settings)  # before the probe: see its docstring
         attention_modules = None if discover_attention_modules(model) or not layers else layers
         probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
                                attention_modules=attention_modules)
         with probe:
             result.layer_names = list(probe.layer_names)
-            for tokens in tqdm(samples, desc="Sink trajectory", disable=not progress, unit="sample"):
-                tokens = tokens.to(torch.long).cpu()
-                if tokens.numel() < 2:
-                    raise ValueError(
-                        f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
-                        "positions. Remove empty or one-token samples from the dataset"
-                    )
-                states = adapter.forward_noise_states(
-                    tokens, levels=settings.noise_levels, eps=settings.noise_eps, seed=settings.seed
-                )
+            for tokens, states in tqdm(sample_states, desc="Sink trajectory", disable=not progress, unit="sample"):
                 mass = measure_states(model, probe, adapter, states, settings.trajectory_batch_size)
                 result.samples.append(analyse_sample(tokens, states, mass, settings))
     finally:
@@ -214,7 +249,8 @@ def run_trajectory(
     if not result.samples:
         raise ValueError("The calibration set is empty: the trajectory phase needs at least one sample.")
     logger.info(
-        f"Sink trajectory: {len(result.samples)} samples x {settings.noise_levels} states, "
+        f"Sink trajectory ({settings.trajectory}): {len(result.samples)} samples, "
+        f"{sum(len(sample.states) for sample in result.samples)} states, "
         f"{len(result.layer_names)} attention layers probed"
     )
     return result
