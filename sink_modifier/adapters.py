@@ -101,6 +101,11 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
     def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
         from sink_modifier.sampling import masked_diffusion_sample
 
+        if getattr(model.config, "model_type", "") == "dream":
+            raise AdapterError(
+                "Dream predicts each token from the previous position (its sampler shifts logits), which this "
+                "sampler does not do; use trajectory: forward_noise for Dream"
+            )
         length = tokens.numel()
         answer = length - max(1, round(prompt_fraction * length))
         answer -= answer % blocks  # every block equally long; the prompt takes the rest
