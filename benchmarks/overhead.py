@@ -7,6 +7,8 @@ Both sides prune the same model from the same calibration states through ``onesh
   (built with the same adapter and seed), sequential pipeline.
 * ``clean``: ``SinkAwarePruningModifier`` with the default pipeline (trajectory pre-pass, then calibration on
   the clean samples) vs ``WandaPruningModifier`` on the clean samples.
+* ``sampler``: ``trajectory: sampler`` with ``pipeline="diffusion"`` vs ``WandaPruningModifier`` calibrated on
+  the same recorded sampler states (regenerated with the same seed).
 
 Peak memory is the peak resident set size above the level at the start of each run, sampled every 5 ms
 (CPU), or ``torch.cuda.max_memory_allocated`` when a GPU is present.
@@ -96,6 +98,18 @@ def noised_states(samples: list[list[int]], levels: int, seed: int) -> list[list
     ]
 
 
+def sampler_states(model_path: Path, samples: list[list[int]], steps: int, seed: int) -> list[list[int]]:
+    """The states the masked sampler visits, exactly as the sink-aware run records them."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    adapter = MaskedDiffusionAdapter(MASK_ID)
+    return [
+        state.input_ids.tolist()
+        for sample in samples
+        for state in adapter.sampler_states(model, torch.tensor(sample), steps=steps, blocks=1,
+                                            prompt_fraction=0.5, temperature=0.0, seed=seed)
+    ]
+
+
 def timed_oneshot(model_path: Path, rows: list[list[int]], recipe, pipeline: str) -> tuple[float, float]:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     dataset = Dataset.from_dict({"input_ids": rows})
@@ -112,9 +126,10 @@ def timed_oneshot(model_path: Path, rows: list[list[int]], recipe, pipeline: str
 
 def measure(model_path: Path, samples, levels: int, seed: int, repeats: int) -> dict[str, dict]:
     states = noised_states(samples, levels, seed)
+    recorded = sampler_states(model_path, samples, levels, seed)
 
-    def sink():
-        return [SinkAwarePruningModifier(sparsity=0.5, noise_levels=levels, seed=seed)]
+    def sink(**kwargs):
+        return [SinkAwarePruningModifier(sparsity=0.5, noise_levels=levels, seed=seed, **kwargs)]
 
     def wanda():
         return [WandaPruningModifier(sparsity=0.5, targets=["Gemma3DecoderLayer"])]
@@ -124,6 +139,9 @@ def measure(model_path: Path, samples, levels: int, seed: int, repeats: int) -> 
                       lambda: timed_oneshot(model_path, states, wanda(), "sequential")),
         "clean": (lambda: timed_oneshot(model_path, samples, sink(), "independent"),
                   lambda: timed_oneshot(model_path, samples, wanda(), "independent")),
+        "sampler": (lambda: timed_oneshot(model_path, samples, sink(trajectory="sampler", sampler_steps=levels),
+                                          "diffusion"),
+                    lambda: timed_oneshot(model_path, recorded, wanda(), "sequential")),
     }
     timed_oneshot(model_path, samples[:2], wanda(), "independent")  # warm-up: imports, first-call costs
     results = {}
@@ -151,7 +169,11 @@ def table(results_by_size: dict[str, dict], command: str, setup: str) -> str:
     for size, results in results_by_size.items():
         for name, r in results.items():
             ours, theirs = r["ours"], r["theirs"]
-            label = "noised states (`pipeline=\"diffusion\"`)" if name == "diffusion" else "clean samples"
+            label = {
+                "diffusion": "noised states (`pipeline=\"diffusion\"`)",
+                "clean": "clean samples (default pipeline)",
+                "sampler": "sampler states (`trajectory: sampler`, `pipeline=\"diffusion\"`)",
+            }[name]
             lines.append(
                 f"| {size} | {label} | {ours['seconds']:.2f} | {theirs['seconds']:.2f} | "
                 f"**{ours['seconds'] / theirs['seconds']:.2f}x** | {ours['mib']:.0f} | {theirs['mib']:.0f} | "
