@@ -51,3 +51,13 @@ def test_prune_save_reload(tmp_path, name, pipeline):
     assert len(report["layers"]) == 2
     if name == "llada":
         assert isinstance(LLaDAModelLM._tied_weights_keys, list)  # the class is left as published
+
+
+def test_masked_sampler_is_refused_for_dream(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_dream(tmp_path / "dream"), dtype=torch.float32)
+    from sink_modifier.adapters import AdapterError, adapter_for
+
+    adapter = adapter_for(model)
+    with pytest.raises(AdapterError, match="shifts logits"):
+        adapter.sampler_states(model, torch.arange(1, 21), steps=4, blocks=1, prompt_fraction=0.5,
+                               temperature=0.0, seed=0)

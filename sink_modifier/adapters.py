@@ -101,7 +101,7 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
     def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
         from sink_modifier.sampling import masked_diffusion_sample
 
-        if getattr(model.config, "model_type", "") == "dream":
+        if str(getattr(model.config, "model_type", "")).lower().startswith("dream"):  # Dream-7B: "Dream"
             raise AdapterError(
                 "Dream predicts each token from the previous position (its sampler shifts logits), which this "
                 "sampler does not do; use trajectory: forward_noise for Dream"

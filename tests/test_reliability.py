@@ -104,3 +104,15 @@ def test_too_short_samples_are_refused(dlm_path):
     with pytest.raises(ValueError, match="at least 2"):
         run_trajectory(load_model(dlm_path), MaskedDiffusionAdapter(MASK_ID), [torch.tensor([7])],
                        TrajectorySettings(), progress=False)
+
+
+def test_per_sample_buffers_live_on_cpu(dlm_path):
+    """What grows with samples x states (token ids, scores, row scales) is kept off the model's device."""
+    model = load_model(dlm_path)
+    result = run_trajectory(model, MaskedDiffusionAdapter(MASK_ID), [torch.arange(5, 25), torch.arange(7, 40)],
+                            TrajectorySettings(noise_levels=3), progress=False)
+    for sample in result.samples:
+        tensors = [sample.tokens, sample.scores, sample.row_scales, sample.mean_row_scales]
+        tensors += [t for state in sample.states for t in (state.input_ids, state.valid)]
+        assert {t.device.type for t in tensors} == {"cpu"}
+        assert sample.scores.shape == (3, 1, sample.tokens.numel())  # no per-layer copy in the global scope
