@@ -196,7 +196,7 @@ def plot_temporal_variance(dynamics: list[SinkDynamics], path: str | Path) -> Pa
     for i, dyn in enumerate(dynamics):
         values = dyn.mean_temporal_variance
         bars.bar(x[: values.shape[1]] + (i - (n - 1) / 2) * width, values.mean(0), width,
-                 yerr=values.std(0) if values.shape[0] > 1 else None, capsize=3,
+                 yerr=_error_bars(values.mean(0), values.std(0)) if values.shape[0] > 1 else None, capsize=3,
                  color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.adapter})")
     bars.set_xticks(x)
     bars.set_xticklabels([short_layer_name(name) for name in dynamics[0].layers], rotation=_rotation(groups))
@@ -219,7 +219,8 @@ def plot_layer_statistics(dynamics: list[SinkDynamics], path: str | Path) -> Pat
         for i, dyn in enumerate(dynamics):
             stats = dyn.report["aggregate"][key]
             mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
-            bars = ax.bar(x[: len(mean)] + (i - (n - 1) / 2) * width, mean, width, yerr=std, capsize=3,
+            bars = ax.bar(x[: len(mean)] + (i - (n - 1) / 2) * width, mean, width, yerr=_error_bars(mean, std),
+                          capsize=3,
                           color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.adapter})")
             if groups * n <= 16:
                 ax.bar_label(bars, labels=[_fmt(float(v)) for v in mean], fontsize=7, padding=2)
@@ -228,6 +229,7 @@ def plot_layer_statistics(dynamics: list[SinkDynamics], path: str | Path) -> Pat
         ax.set_title(f"{title}\n({meaning})", fontsize=10)
         ax.set_ylabel("positions²" if key != "spatial_variance" else "(attention mass)²")
         ax.margins(y=0.12)
+        ax.set_ylim(bottom=0)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=n, fontsize=9)
     kinds = " vs ".join(f"{d.name} ({d.adapter})" for d in dynamics)
     fig.suptitle(f"Sink statistics per layer: {kinds}", fontsize=12)
@@ -254,12 +256,12 @@ def render_inspection(
 
 _CAPTIONS = {
     "side_by_side": "The same layer of every model: a DLM's sink moves from step to step, an autoregressive "
-    "model's stays on the first tokens.",
+    "model's stays where it is, usually on one of the first tokens.",
     "heatmap": "Sink score of every position at every denoising step, one panel per layer.",
     "temporal_variance": "Variance of each position's sink score over the denoising steps: 0 means a position is "
     "a sink (or not) at every step; high values mean the sink moves.",
-    "layer_statistics": "Per-layer diagnostics from the paper, mean ± std over calibration samples. A DLM's sink "
-    "centroid and dominant sink move between steps; an autoregressive model's stay on the first tokens.",
+    "layer_statistics": "Per-layer diagnostics from the paper, mean ± std over samples. A DLM's sink centroid "
+    "and dominant sink move between steps (high variances); an autoregressive model's stay put (near zero).",
 }
 
 _HEADINGS = {
@@ -345,6 +347,12 @@ def _mean_over_positions(var: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
     if not bool(seen.any()):
         return np.zeros(var.shape[0])
     return var[:, seen].mean(dim=-1).double().numpy()
+
+
+def _error_bars(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """± std, cut at zero below: every quantity drawn is a variance or a count, never negative."""
+    mean, std = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+    return np.stack([np.minimum(std, mean), std])
 
 
 def _fmt(value: float) -> str:
