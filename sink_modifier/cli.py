@@ -97,12 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
     _data_options(inspect, samples=16, length=128, dataset_help=_DISK_DATASET, default_text=True,
-                  seed_help="seed of the forward-noise masks (default: 0)")
-    inspect.add_argument("--trajectory", default="forward_noise", choices=["forward_noise"],
-                         help="how the denoising states are produced (default: forward_noise)")
+                  seed_help="seed of the forward-noise masks or the sampler (default: 0)")
+    inspect.add_argument("--trajectory", default="forward_noise", choices=["forward_noise", "sampler"],
+                         help="how the denoising states are produced: 'forward_noise' masks each sample at K "
+                         "noise levels; 'sampler' records the model's own sampler completing the second half of "
+                         "each sample (default: forward_noise)")
     inspect.add_argument("--compare", metavar="OTHER_MODEL", help="a second model to measure and draw alongside")
     inspect.add_argument("--noise-levels", type=_positive, default=10, metavar="K",
-                         help="denoising states per sample (default: 10)")
+                         help="forward_noise: states per sample (default: 10)")
+    inspect.add_argument("--sampler-steps", type=_positive, default=16, metavar="N",
+                         help="sampler: denoising steps, one state each (default: 16)")
     inspect.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="report directory")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -446,10 +450,11 @@ def check_output(output: Path, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def staged_directory(output: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``output`` to write into; on success it replaces ``output`` in one rename.
+    """Yield a temporary sibling of ``output`` to write into; on success it becomes ``output`` by a rename.
 
-    On any error (or Ctrl-C) the temporary directory is removed and ``output`` is left as it was, so a
-    directory at ``output`` is always a complete result.
+    An existing ``output`` (``--overwrite``) is renamed aside first and deleted afterwards. On any error (or
+    Ctrl-C) the temporary directory is removed and ``output`` is left as it was, so a directory at ``output`` is
+    always a complete result.
     """
     output = output.expanduser().absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -463,7 +468,11 @@ def staged_directory(output: Path, *, overwrite: bool) -> Iterator[Path]:
         if output.is_dir():
             previous = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(previous)
-            staging.rename(output)
+            try:
+                staging.rename(output)
+            except BaseException:
+                previous.rename(output)
+                raise
             shutil.rmtree(previous, ignore_errors=True)
         else:
             staging.rename(output)
@@ -565,7 +574,7 @@ def _print_checkpoint(output: Path, indent: str = "") -> None:
 
 def measure_sinks(
     model: torch.nn.Module, samples: list[list[int]], *, noise_levels: int, seed: int | None, name: str,
-    progress: bool,
+    progress: bool, trajectory: str = "forward_noise", sampler_steps: int = 16,
 ) -> SinkDynamics:
     """The trajectory phase alone, with per-layer scores (what the pictures show)."""
     import torch
@@ -574,7 +583,8 @@ def measure_sinks(
     from sink_modifier.plots import SinkDynamics
     from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
-    settings = TrajectorySettings(sink_scope="layer", noise_levels=noise_levels, seed=0 if seed is None else seed)
+    settings = TrajectorySettings(sink_scope="layer", trajectory=trajectory, noise_levels=noise_levels,
+                                  sampler_steps=sampler_steps, seed=0 if seed is None else seed)
     adapter = adapter_for(model)
     tensors = [torch.tensor(s, dtype=torch.long) for s in samples]
     result = run_trajectory(model, adapter, tensors, settings, progress=progress)
@@ -615,12 +625,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         samples = token_samples(args, tokenizer, default_text=_default_text())
         dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed, name=name,
-                                      progress=not args.quiet))
+                                      progress=not args.quiet, trajectory=args.trajectory,
+                                      sampler_steps=args.sampler_steps))
         del model
     with staged_directory(output, overwrite=args.overwrite) as staging:
         pictures = write_inspection(dynamics, staging)
     print(f"Sink dynamics of {' vs '.join(d.name for d in dynamics)} "
-          f"({dynamics[0].report['num_samples']} samples x {args.noise_levels} states, "
+          f"({dynamics[0].report['num_samples']} samples, {dynamics[0].report['num_states']} states, "
           f"{len(dynamics[0].layers)} layers)")
     _print_table(_sink_rows(dynamics))
     print(f"report:      {output / 'report.html'}")

@@ -73,8 +73,9 @@ def test_no_command_prints_usage(capsys):
 def test_run_writes_a_complete_checkpoint(capsys, dlm_path, text_file, tmp_path):
     output = tmp_path / "pruned"
     code, out, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file,
-                             "--num-samples", 2, "--max-seq-length", 48, "--output", output)
+                             "--num-samples", 2, "--max-seq-length", 48, "--seed", 3, "--output", output)
     assert code == 0, err
+    assert "seed: 3" in (output / "recipe.yaml").read_text(), "--seed overrides the recipe's sink seed"
     for name in ("config.json", "model.safetensors", "recipe.yaml", "sink_report.json", "tokenizer.json"):
         assert (output / name).is_file(), name
     assert f"recipe:      {output / 'recipe.yaml'}" in out and f"sink report: {output / 'sink_report.json'}" in out
@@ -219,6 +220,16 @@ def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
     for name in ("report.html", "sink_report.json", "sink_heatmap.png"):
         assert name in out
     assert "masked" in out and "autoregressive" in out
+
+
+def test_inspect_sampler_trajectory(capsys, dlm_path, text_file, tmp_path):
+    code, out, err = run_cli(capsys, "inspect", dlm_path, "--trajectory", "sampler", "--sampler-steps", 2,
+                             "--text-file", text_file, "--num-samples", 1, "-q", "--output", tmp_path / "s")
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "sink_report.json").read_text())
+    assert (report["trajectory"], report["num_states"]) == ("sampler", 2)
+    assert_picture(tmp_path / "s" / "sink_heatmap.png")
+    assert "1 samples, 2 states" in out
 
 
 def test_quiet_silences_progress_and_info(inspected):
