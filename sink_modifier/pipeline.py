@@ -30,8 +30,9 @@ def state_dataloader(result: TrajectoryResult) -> tuple[DataLoader, StateScales]
     batches, scales = [], []
     for sample in result.samples:
         for state, state_scales in zip(sample.states, sample.row_scales, strict=True):
-            ids = state.input_ids.unsqueeze(0)
-            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+            # States are never padded; an all-ones attention mask would only make transformers build an
+            # explicit (slow, vmap-based) mask for every batch.
+            batches.append({"input_ids": state.input_ids.unsqueeze(0)})
             scales.append(state_scales.unsqueeze(0))
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     return loader, StateScales(scales)
