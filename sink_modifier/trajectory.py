@@ -144,10 +144,9 @@ def _batches(states: list[DenoisingState], size: int) -> Iterator[list[Denoising
 @torch.no_grad()
 def measure_states(
     model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter,
-    states: list[DenoisingState], batch_size: int,
+    states: list[DenoisingState], batch_size: int, device: torch.device,
 ) -> torch.Tensor:
     """Attention mass [S, L, T] for the states of one sample (equal lengths, so no padding is needed)."""
-    device = _execution_device(model)
     backbone = _base_model(model)
     no_cache = no_cache_kwargs(backbone)
     masses = []
@@ -235,6 +234,7 @@ def run_trajectory(
     was_training = model.training
     model.eval()
     try:
+        device = _execution_device(model)
         sample_states = _sample_states(model, adapter, samples, settings)  # before the probe: see its docstring
         attention_modules = None if discover_attention_modules(model) or not layers else layers
         probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
@@ -242,7 +242,7 @@ def run_trajectory(
         with probe:
             result.layer_names = list(probe.layer_names)
             for tokens, states in tqdm(sample_states, desc="Sink trajectory", disable=not progress, unit="sample"):
-                mass = measure_states(model, probe, adapter, states, settings.trajectory_batch_size)
+                mass = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
                 result.samples.append(analyse_sample(tokens, states, mass, settings))
     finally:
         model.train(was_training)
