@@ -358,7 +358,9 @@ def _error_bars(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 def _fmt(value: float) -> str:
     if value == 0:
         return "0"
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    if 1e3 <= abs(value) < 1e6:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
 
 
 def _rotation(groups: int) -> int:
