@@ -89,7 +89,7 @@ def prepare_sequences(
         if isinstance(item, str):
             if tokenizer is None:
                 raise ValueError("texts need a tokenizer; pass tokenizer= or token id tensors")
-            ids = list(tokenizer(item, add_special_tokens=True)["input_ids"])
+            ids = list(tokenizer(item, add_special_tokens=True, verbose=False)["input_ids"])  # windows below
             if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id:
                 ids = ids[:-1]  # an appended EOS would be scored as if it were text
             if bos_token_id is not None and (not ids or ids[0] != bos_token_id):
