@@ -30,6 +30,12 @@ def write_report(report: dict, directory: str | Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def publish(staging: Path, target: Path) -> None:
     """Move a complete ``staging`` directory to ``target``.
 
@@ -61,9 +67,13 @@ def attach_report(model: torch.nn.Module, report: dict) -> None:
         target = Path(save_directory).absolute()
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
         try:
             result = original(str(staging), *args, **kwargs)
             write_report(model._sink_report, staging)
+            for path in staging.rglob("*"):  # transformers writes weights 0600; a checkpoint is meant to be shared
+                if path.is_file():
+                    path.chmod(0o666 & ~_umask())
             publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

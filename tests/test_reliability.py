@@ -15,7 +15,7 @@ from llmcompressor.recipe import Recipe
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import MaskedDiffusionAdapter
-from sink_modifier.report import attach_report
+from sink_modifier.report import _umask, attach_report
 from sink_modifier.toy import MASK_ID
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
@@ -74,6 +74,10 @@ def test_existing_directory_keeps_other_files_and_gets_a_complete_checkpoint(dlm
     assert (out / "notes.txt").read_text() == "mine"
     assert {"model.safetensors", "config.json", "sink_report.json"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    fresh = tmp_path / "fresh"
+    model.save_pretrained(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
+    assert (fresh / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def test_overflowing_attention_is_reported_with_the_layer(dlm_path):
