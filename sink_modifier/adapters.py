@@ -241,7 +241,7 @@ def adapter_for(
         )
     if family == "auto":
         family = "masked" if attends_bidirectionally(model) else "autoregressive"
-        logger.info(f"Sink-aware pruning: treating {type(model).__name__} as a {family} model")
+        logger.info(f"Sink-aware pruning: {type(model).__name__} gets the {family!r} adapter")
     elif family == "masked" and not attends_bidirectionally(model):
         raise AdapterError(
             f"{type(model).__name__} attends causally under eager attention (which llm-compressor forces "
