@@ -186,6 +186,10 @@ def analyse_sample(
         grouped, valid, scores, threshold_std=settings.sink_threshold_std,
         unstable_variance=settings.unstable_variance,
     )
+    # Per group and position: how sink-like the position is on average, and how much that moves across states.
+    mean, variance = statistics.temporal_stats(scores, valid)
+    summary.extra["score_mean"] = mean.round(decimals=4).tolist()
+    summary.extra["score_variance"] = variance.round(decimals=4).tolist()
     return SampleTrajectory(
         tokens=tokens, states=states, scores=scores, row_scales=scales,
         mean_row_scales=statistics.mean_row_scales(scales, valid), summary=summary,
