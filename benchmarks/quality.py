@@ -63,7 +63,7 @@ def recipe(method: str, sparsity: str, targets: list[str]) -> tuple[list, str]:
     structured = ":" in sparsity
     value, mask = (0.5, sparsity) if structured else (float(sparsity), "0:0")
     if method == "magnitude":
-        return [MagnitudePruningModifier(targets=r"re:.*layers\..*\.weight$", init_sparsity=value,
+        return [MagnitudePruningModifier(targets=r"re:.*layers\.\d+\..*proj$", init_sparsity=value,
                                          final_sparsity=value, mask_structure=sparsity if structured
                                          else "unstructured", start=0, end=1, update=1, leave_enabled=False)
                 ], "independent"
@@ -109,6 +109,10 @@ def key(kind, method, sparsity, seed, args) -> str:
     return f"{kind}|{method}|{sparsity}|{seed}|n{args.num_samples}|mc{args.mc_samples}|L{args.max_seq_length}"
 
 
+def label(sparsity: str) -> str:
+    return sparsity if ":" in sparsity else f"{float(sparsity):.0%}"
+
+
 def fmt(values: list[float], digits: int = 2) -> str:
     if not values:
         return "—"
@@ -116,11 +120,15 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
-def paired_delta(a: dict, b: dict) -> float:
-    """Per-token NLL difference a - b: paired over MC samples for the DLM (same masks), exact for the AR model."""
+def paired_delta(a: dict, b: dict, stderr: bool = False):
+    """Per-token NLL difference a - b (and its standard error over MC samples): paired over MC samples for the
+    DLM (same masks), exact for the AR model (stderr 0)."""
     if a["sample_nlls"] and b["sample_nlls"]:
-        return _paired(*(type("R", (), {"sample_nlls": r["sample_nlls"]}) for r in (a, b)))["nll_per_token"]
-    return a["nll_per_token"] - b["nll_per_token"]
+        d = _paired(*(argparse.Namespace(sample_nlls=r["sample_nlls"]) for r in (a, b)))
+        delta, se = d["nll_per_token"], d["stderr"]
+    else:
+        delta, se = a["nll_per_token"] - b["nll_per_token"], 0.0
+    return (delta, se) if stderr else delta
 
 
 def tables(cache: dict, args) -> str:
@@ -132,7 +140,7 @@ def tables(cache: dict, args) -> str:
         metric = "ELBO perplexity" if kind == "dlm" else "perplexity"
         lines += [f"**{kind.upper()}**: {metric} (mean ± std over calibration seeds; dense "
                   f"{dense['perplexity']:.2f}) and, below each, NLL − dense in nats/token (paired)", "",
-                  "| method | " + " | ".join(args.sparsities) + " |", "|---" * (1 + len(args.sparsities)) + "|"]
+                  "| method | " + " | ".join(label(x) for x in args.sparsities) + " |", "|---" * (1 + len(args.sparsities)) + "|"]
         for method in args.methods:
             cells = []
             for sparsity in args.sparsities:
@@ -146,15 +154,17 @@ def tables(cache: dict, args) -> str:
         sink = [m for m in args.methods if m in ABLATION and ABLATION[m] in args.methods]
         if sink:
             lines += ["", f"**{kind.upper()}**: sink-aware minus its same-state ablation (plain modifier, "
-                      "`pipeline=\"diffusion\"`), NLL nats/token, mean ± std over seeds (negative = sink-aware "
-                      "better)", "", "| method | " + " | ".join(args.sparsities) + " |",
+                      "`pipeline=\"diffusion\"`), NLL nats/token, mean ± std over seeds, and the paired MC standard "
+                      "error averaged over seeds (negative = sink-aware better)", "", "| method | " + " | ".join(label(x) for x in args.sparsities) + " |",
                       "|---" * (1 + len(args.sparsities)) + "|"]
             for method in sink:
                 cells = []
                 for sparsity in args.sparsities:
                     pairs = [(cache.get(key(kind, method, sparsity, s, args)),
                               cache.get(key(kind, ABLATION[method], sparsity, s, args))) for s in args.seeds]
-                    cells.append(fmt([paired_delta(a, b) for a, b in pairs if a and b], 4))
+                    deltas = [paired_delta(a, b, stderr=True) for a, b in pairs if a and b]
+                    cells.append(f"{fmt([d for d, _ in deltas], 4)} (MC se {statistics.fmean(se for _, se in deltas):.4f})"
+                                 if deltas else "—")
                 lines.append(f"| {method} − {ABLATION[method]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -174,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="one tiny cell; no cache, no docs")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; tabulate the cached cells")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sparsities, args.seeds, args.methods, args.models = "0.5", "0", "sink_wanda_all", "dlm"
@@ -194,7 +205,7 @@ def main(argv=None):
         for sparsity in args.sparsities for method in args.methods]  # stopped run leaves whole seeds behind
     for kind, method, sparsity, seed in cells:
         k = key(kind, method, sparsity, seed, args)
-        if k in cache:
+        if k in cache or args.report_only:
             continue
         cache[k] = run_cell(kind, method, sparsity, seed, args, eval_texts)
         r = cache[k]
