@@ -1,4 +1,4 @@
-"""Quality after pruning: the bundled DLM (and its AR twin as a control), every cell through ``llmcompressor.oneshot``.
+"""Quality after pruning on the bundled DLM (and its AR twin as a control), every cell through ``oneshot``.
 
 Methods (all with targets = the decoder-layer class and ignore = lm_head/embeddings, as in ``sink-prune demo``):
 
@@ -39,8 +39,15 @@ import torch
 from loguru import logger
 
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
-from sink_modifier.cli import (CALIBRATION_TEXT, _paired, _seed_everything, load_model, prune, pruned_fraction,
-                               read_samples)
+from sink_modifier.cli import (
+    CALIBRATION_TEXT,
+    _paired,
+    _seed_everything,
+    load_model,
+    prune,
+    pruned_fraction,
+    read_samples,
+)
 from sink_modifier.evaluation import perplexity
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -138,9 +145,11 @@ def tables(cache: dict, args) -> str:
         if dense is None:
             continue
         metric = "ELBO perplexity" if kind == "dlm" else "perplexity"
+        header = "| method | " + " | ".join(label(x) for x in args.sparsities) + " |"
+        rule = "|---" * (1 + len(args.sparsities)) + "|"
         lines += [f"**{kind.upper()}**: {metric} (mean ± std over calibration seeds; dense "
                   f"{dense['perplexity']:.2f}) and, below each, NLL − dense in nats/token (paired)", "",
-                  "| method | " + " | ".join(label(x) for x in args.sparsities) + " |", "|---" * (1 + len(args.sparsities)) + "|"]
+                  header, rule]
         for method in args.methods:
             cells = []
             for sparsity in args.sparsities:
@@ -154,17 +163,16 @@ def tables(cache: dict, args) -> str:
         sink = [m for m in args.methods if m in ABLATION and ABLATION[m] in args.methods]
         if sink:
             lines += ["", f"**{kind.upper()}**: sink-aware minus its same-state ablation (plain modifier, "
-                      "`pipeline=\"diffusion\"`), NLL nats/token, mean ± std over seeds, and the paired MC standard "
-                      "error averaged over seeds (negative = sink-aware better)", "", "| method | " + " | ".join(label(x) for x in args.sparsities) + " |",
-                      "|---" * (1 + len(args.sparsities)) + "|"]
+                      "`pipeline=\"diffusion\"`), NLL nats/token, mean ± std over seeds, and the paired MC "
+                      "standard error averaged over seeds (negative = sink-aware better)", "", header, rule]
             for method in sink:
                 cells = []
                 for sparsity in args.sparsities:
                     pairs = [(cache.get(key(kind, method, sparsity, s, args)),
                               cache.get(key(kind, ABLATION[method], sparsity, s, args))) for s in args.seeds]
                     deltas = [paired_delta(a, b, stderr=True) for a, b in pairs if a and b]
-                    cells.append(f"{fmt([d for d, _ in deltas], 4)} (MC se {statistics.fmean(se for _, se in deltas):.4f})"
-                                 if deltas else "—")
+                    mc_se = statistics.fmean(se for _, se in deltas) if deltas else 0.0
+                    cells.append(f"{fmt([d for d, _ in deltas], 4)} (MC se {mc_se:.4f})" if deltas else "—")
                 lines.append(f"| {method} − {ABLATION[method]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
