@@ -42,6 +42,9 @@ from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import MaskedDiffusionAdapter
 from sink_modifier.toy import MASK_ID, build_toy_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from sinks import write_docs  # noqa: E402  (one writer of the docs blocks for every benchmark)
+
 DOCS = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 MARKER_BEGIN, MARKER_END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 
@@ -182,17 +185,6 @@ def table(results_by_size: dict[str, dict], command: str, setup: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str):
-    content = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{MARKER_BEGIN}\n{text}\n{MARKER_END}"
-    if MARKER_BEGIN in content:
-        head, rest = content.split(MARKER_BEGIN, 1)
-        content = head + block + rest.split(MARKER_END, 1)[1]
-    else:
-        content += f"\n## Overhead against llm-compressor's Wanda\n\n{block}\n"
-    DOCS.write_text(content)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=16)
@@ -228,7 +220,7 @@ def main(argv=None):
     text = table(results, command.strip(), setup)
     print(text)
     if not args.no_docs:
-        write_docs(text)
+        write_docs(text, MARKER_BEGIN, MARKER_END, "Overhead against llm-compressor's Wanda", DOCS)
 
 
 if __name__ == "__main__":
