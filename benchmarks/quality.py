@@ -2,7 +2,8 @@
 
 Methods (all with targets = the decoder-layer class and ignore = lm_head/embeddings, as in ``sink-prune demo``):
 
-* ``magnitude``: llm-compressor's ``MagnitudePruningModifier`` (init = final sparsity; no calibration data used);
+* ``magnitude``: |W| per row (or N:M) through llm-compressor's Wanda selection with every column statistic equal
+  (``OneShotMagnitude``; llm-compressor's own ``MagnitudePruningModifier`` prunes nothing through ``oneshot``);
 * ``wanda`` / ``sparsegpt``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier`` calibrated on the
   clean samples (default pipeline);
 * ``wanda_noised`` / ``sparsegpt_noised``: the same plain modifiers with ``pipeline="diffusion"``: they calibrate
@@ -61,19 +62,34 @@ ABLATION = {m: m.split("_")[1] + "_noised" for m in METHODS if m.startswith("sin
 IGNORE = ["re:.*lm_head.*", "re:.*embed.*"]
 
 
+def _one_shot_magnitude():
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    class OneShotMagnitude(WandaPruningModifier):
+        """Magnitude pruning in one shot: llm-compressor's Wanda selection (per row, or N:M) on |W| alone.
+
+        llm-compressor 0.14's MagnitudePruningModifier applies its masks on optimizer steps only, so through
+        ``oneshot`` it prunes nothing. Wanda's metric |W| sqrt(S) with every column statistic S equal is |W|.
+        """
+
+        def calibrate_module(self, module, args, output):
+            super().calibrate_module(module, (torch.ones_like(args[0]), *args[1:]), output)
+
+    return OneShotMagnitude
+
+
 def recipe(method: str, sparsity: str, targets: list[str]) -> tuple[list, str]:
     """(modifiers, pipeline) for one cell; ``sparsity`` is "0.5" or "2:4"."""
-    from llmcompressor.modifiers.pruning import MagnitudePruningModifier, SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from sink_modifier import SinkAwarePruningModifier
 
+    OneShotMagnitude = _one_shot_magnitude()  # noqa: N806
     structured = ":" in sparsity
     value, mask = (0.5, sparsity) if structured else (float(sparsity), "0:0")
     if method == "magnitude":
-        return [MagnitudePruningModifier(targets=r"re:.*layers\.\d+\..*proj$", init_sparsity=value,
-                                         final_sparsity=value, mask_structure=sparsity if structured
-                                         else "unstructured", start=0, end=1, update=1, leave_enabled=False)
-                ], "independent"
+        modifier = OneShotMagnitude(sparsity=value, mask_structure=mask, targets=targets, ignore=IGNORE)
+        return [modifier], "independent"
     if method.startswith("sink_"):
         _, engine, selection = method.split("_")
         return [SinkAwarePruningModifier(
@@ -182,8 +198,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sparsities", default="0.5,0.6,0.7,2:4")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS[1:]),
-                        help="default: all but magnitude, which prunes nothing in oneshot (docs/benchmarks.md)")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--models", default="dlm,ar")
     parser.add_argument("--num-samples", type=int, default=8, help="calibration documents per seed (of 30)")
     parser.add_argument("--mc-samples", type=int, default=4, help="ELBO Monte-Carlo samples (DLM)")
