@@ -8,6 +8,7 @@ states the model visits. The trajectory runner, the modifier and the pipeline on
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -203,6 +204,13 @@ def _has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).exists() for name in names)
 
 
+def no_cache_kwargs(module: torch.nn.Module) -> dict:
+    """``use_cache=False`` where the forward takes it: a trajectory forward never needs a KV cache."""
+    parameters = inspect.signature(module.forward).parameters
+    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"use_cache": False} if takes else {}
+
+
 @torch.no_grad()
 def attends_bidirectionally(model: torch.nn.Module) -> bool:
     """Whether changing the last token changes the first position's output under eager attention.
@@ -216,8 +224,6 @@ def attends_bidirectionally(model: torch.nn.Module) -> bool:
     second = first.clone()
     second[0, -1] = 5 % vocab
     device = next(model.parameters()).device
-    from sink_modifier.trajectory import no_cache_kwargs
-
     previous = getattr(config, "_attn_implementation", None)
     try:
         if previous is not None:

@@ -197,8 +197,6 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
 
     def _measure_clean_samples(self, model, dataloader) -> SampleScales:
         """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales."""
-        if dataloader is None:
-            raise ValueError("SinkAwarePruningModifier needs calibration data: pass a dataset to oneshot")
         warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows:

@@ -9,7 +9,6 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,7 +20,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
-from sink_modifier.adapters import DenoisingState, DiffusionAdapter
+from sink_modifier.adapters import DenoisingState, DiffusionAdapter, no_cache_kwargs
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
 
 
@@ -127,13 +126,6 @@ def _execution_device(model: torch.nn.Module) -> torch.device:
     device = get_main_device()
     set_onload_device(model, device)
     return device
-
-
-def no_cache_kwargs(module: torch.nn.Module) -> dict:
-    """``use_cache=False`` where the forward takes it: a trajectory forward never needs a KV cache."""
-    parameters = inspect.signature(module.forward).parameters
-    takes = "use_cache" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    return {"use_cache": False} if takes else {}
 
 
 def _batches(states: list[DenoisingState], size: int) -> Iterator[list[DenoisingState]]:
