@@ -2,11 +2,12 @@
 
 ``import sink_modifier`` registers ``SinkAwarePruningModifier`` with llm-compressor's ``ModifierFactory``
 (under its class name, so recipes and the ``recipe.yaml`` saved next to a checkpoint both parse) and the
-``diffusion`` calibration pipeline.
+``diffusion`` calibration pipeline, and teaches transformers to reload per-expert DiffusionGemma checkpoints.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from sink_modifier.diffusion_gemma import register_checkpoint_conversion
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.pipeline import DiffusionPipeline
 
@@ -14,3 +15,5 @@ __all__ = ["SinkAwarePruningModifier", "DiffusionPipeline", "__version__"]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)
+# Saved DiffusionGemma checkpoints keep per-expert keys; this lets from_pretrained fuse them back.
+register_checkpoint_conversion()

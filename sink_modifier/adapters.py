@@ -7,6 +7,7 @@ states the model visits. The trajectory runner, the modifier and the pipeline on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import math
@@ -18,7 +19,7 @@ from typing import ClassVar, Literal
 import torch
 from loguru import logger
 
-AdapterName = Literal["auto", "masked", "autoregressive"]
+AdapterName = Literal["auto", "masked", "autoregressive", "diffusion_gemma"]
 
 
 class AdapterError(ValueError):
@@ -72,6 +73,72 @@ class DiffusionAdapter(ABC):
     def query_mask(self, states: list[DenoisingState]) -> torch.Tensor | None:
         """Which query rows count when measuring attention mass (None: all)."""
         return None
+
+    # ---- hooks a family overrides when its forward is not ``model(input_ids=...)`` -----------------
+
+    #: the token streams whose rows a calibration forward feeds through shared weights (None: one stream)
+    streams: ClassVar[tuple[str | None, ...]] = (None,)
+    current_stream: str | None = None
+
+    def prepare(self, model: torch.nn.Module) -> None:  # noqa: B027 (optional hook)
+        """Bring the model into the form calibration needs (before targets are resolved)."""
+
+    def saving(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Context around ``save_pretrained``."""
+        return contextlib.nullcontext()
+
+    def finish_checkpoint(self, model: torch.nn.Module, directory) -> None:  # noqa: B027 (optional hook)
+        """Last edits to a saved (still staged) checkpoint directory."""
+
+    def calibrating(
+        self, model: torch.nn.Module, states: list[DenoisingState]
+    ) -> contextlib.AbstractContextManager:
+        """Context around the calibration pipeline's forwards over ``states``."""
+        return contextlib.nullcontext()
+
+    def check_scope(self, names: list[str]) -> None:  # noqa: B027 (optional hook)
+        """Refuse modules of this family that must never be pruned."""
+
+    def layer_targets(self, model: torch.nn.Module) -> list[str] | None:
+        """The layers that hold each prunable weight once (None: llm-compressor's sequential targets)."""
+        return None
+
+    def attention_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module] | None:
+        """The attention modules to probe, in order (None: every module named "*Attention")."""
+        return None
+
+    @staticmethod
+    def split_layers(names: list[str]) -> tuple[list[str], list[str]]:
+        """(attention layers whose sinks weight the rows, layers only reported)."""
+        return list(names), []
+
+    def calibration_batches(self, states: list[DenoisingState]) -> list[dict]:
+        # States are never padded; an all-ones attention mask would only make transformers build an
+        # explicit (slow, vmap-based) mask for every batch.
+        return [{"input_ids": state.input_ids.unsqueeze(0)} for state in states]
+
+    @staticmethod
+    def stream_scales(state: DenoisingState, scales: torch.Tensor) -> dict[str | None, torch.Tensor]:
+        """A state's row scales [G, T] keyed by stream."""
+        return {None: scales}
+
+    @torch.no_grad()
+    def measure(
+        self, model: torch.nn.Module, probe, states: list[DenoisingState], batch_size: int, device: torch.device,
+    ) -> dict[str | None, torch.Tensor]:
+        """Attention mass [S, L, T] of one sample's states (equal lengths, so batched without padding)."""
+        backbone = base_model(model)
+        no_cache = no_cache_kwargs(backbone)
+        masses = []
+        for start in range(0, len(states), batch_size):
+            batch = states[start : start + batch_size]
+            input_ids = torch.stack([s.input_ids for s in batch]).to(device)
+            query_mask = self.query_mask(batch)
+            probe.query_mask = None if query_mask is None else query_mask.to(device)
+            backbone(input_ids=input_ids, **no_cache)
+            masses.append(probe.pop_masses())
+        probe.query_mask = None
+        return {None: torch.cat(masses)}
 
 
 class MaskedDiffusionAdapter(DiffusionAdapter):
@@ -204,6 +271,12 @@ def _has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).exists() for name in names)
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The backbone without the LM head: its logits are not needed to measure attention."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
 def no_cache_kwargs(module: torch.nn.Module) -> dict:
     """``use_cache=False`` where the forward takes it: a trajectory forward never needs a KV cache."""
     parameters = inspect.signature(module.forward).parameters
@@ -240,11 +313,14 @@ def adapter_for(
     model: torch.nn.Module, *, family: AdapterName = "auto", mask_token_id: int | None = None
 ) -> DiffusionAdapter:
     """Pick the adapter for ``model``; ``auto`` decides by whether the model attends bidirectionally."""
-    if getattr(getattr(model, "config", None), "model_type", None) == "diffusion_gemma":
-        raise AdapterError(
-            "DiffusionGemma (uniform-noise block diffusion) has no adapter yet; it needs its own noise and "
-            "sampler, see docs/supported-models.md"
-        )
+    from sink_modifier.diffusion_gemma import DiffusionGemmaAdapter, is_diffusion_gemma
+
+    if is_diffusion_gemma(model):
+        if family not in ("auto", DiffusionGemmaAdapter.name):
+            raise AdapterError(f"DiffusionGemma uses uniform-token noise; set adapter: auto, not {family!r}")
+        return DiffusionGemmaAdapter(model)
+    if family == DiffusionGemmaAdapter.name:
+        raise AdapterError(f"adapter: diffusion_gemma needs a DiffusionGemma model, not {type(model).__name__}")
     if family == "auto":
         family = "masked" if attends_bidirectionally(model) else "autoregressive"
         logger.info(f"Sink-aware pruning: {type(model).__name__} gets the {family!r} adapter")

@@ -57,7 +57,10 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     # None: the model's decoder layers (the sequential targets), so the LM head and embeddings are never in
     # scope whatever the model calls them.
     targets: str | list[str] | None = None
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head.*", "re:.*embed.*"])
+    # Routers (MoE expert choice) and vision towers are never pruned either.
+    ignore: list[str] = Field(
+        default_factory=lambda: ["re:.*lm_head.*", "re:.*embed.*", "re:.*router.*", "re:.*vision.*"]
+    )
     adapter: AdapterName = "auto"
     mask_token_id: int | None = Field(None, ge=0)
     # SparseGPT only
@@ -70,7 +73,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     _scales: SampleScales | StateScales | None = PrivateAttr(None)
     _trajectory: TrajectoryResult | None = PrivateAttr(None)
     _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
-    _device_scales: tuple[int, torch.Tensor] | None = PrivateAttr(None)
+    _device_scales: tuple[tuple, torch.Tensor] | None = PrivateAttr(None)
 
     # ---- validation (runs when a recipe is parsed) ----
 
@@ -115,8 +118,14 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         calib = state.data.calib
         if calib is None or (hasattr(calib, "__len__") and len(calib) == 0):
             raise ValueError("SinkAwarePruningModifier needs calibration data, and the calibration set is empty")
+        # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
+        make_saveable(model)
+        self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
+        self._adapter.prepare(model)  # before targets are resolved: it may restructure modules
         if self.targets is None:
-            self.targets = sorted(infer_sequential_targets(model, kwargs.get("sequential_targets")))
+            self.targets = self._adapter.layer_targets(model) or sorted(
+                infer_sequential_targets(model, kwargs.get("sequential_targets"))
+            )
         super().on_initialize(state, **kwargs)
         if not self._target_layers:
             raise ValueError(f"targets {self.targets} matched no module of {type(model).__name__}")
@@ -131,18 +140,25 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             sparsity=self.sparsity, mask_structure=self.mask_structure, targets=self.targets,
             ignore=self.ignore, **extra,
         )
-        # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
-        make_saveable(model)
-        self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
         return True
 
-    def use_trajectory(self, result: TrajectoryResult, scales: StateScales) -> None:
+    @property
+    def adapter_instance(self) -> DiffusionAdapter:
+        return self._adapter
+
+    def use_trajectory(self, result: TrajectoryResult, scales: StateScales, adapter: DiffusionAdapter) -> None:
         """Called by the ``diffusion`` pipeline, which measured the trajectory and calibrates on its states."""
-        self._trajectory, self._scales = result, scales
+        self._trajectory, self._scales, self._adapter = result, scales, adapter
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         model = state.model
         if self._scales is None:
+            if len(self._adapter.streams) > 1:
+                raise ValueError(
+                    f"{type(model).__name__} calibrates on its recorded denoising states (encoder prefill and "
+                    "decoder canvas steps), which only the diffusion pipeline feeds: pass pipeline='diffusion' "
+                    "to oneshot"
+                )
             self._scales = self._measure_clean_samples(model, state.data.calib)
             embedding = model.get_input_embeddings()
             self.register_hook(embedding, self._observe_batch, "forward_pre")
@@ -158,7 +174,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
                 f"Non-finite input to {self._module_names[module]} during calibration: the model overflows in "
                 f"{inp.dtype} on this data; load it in bfloat16 or float32"
             )
-        scale = self._current_scales(inp.device)[:, self._module_group.get(module, 0)]  # [B, T]
+        scale = self._current_scales(inp.device)[:, self._module_group.get(module, 0)]  # [B, T] of this stream
         if inp.dim() == 3 and inp.shape[:2] == scale.shape:
             weighted = inp.float() * scale.unsqueeze(-1)
         elif inp.dim() == 2 and inp.shape[0] == scale.numel():
@@ -167,6 +183,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             raise ValueError(
                 f"{self._module_names[module]} received input {tuple(inp.shape)} that cannot be matched to "
                 f"the {tuple(scale.shape)} tokens of its batch, so its rows cannot be sink-weighted"
+                + (" (MoE experts need oneshot(..., moe_calibrate_all_experts=True), the default)"
+                   if inp.dim() == 2 else "")
             )
         self._engine.calibrate_module(module, (weighted, *args[1:]), output)
 
@@ -182,7 +200,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         if left:
             raise ValueError(f"Failed to compress {left} modules")
         if self._trajectory is not None:
-            attach_report(state.model, self._trajectory.report(self.trajectory_settings(), self._adapter))
+            attach_report(state.model, self._trajectory.report(self.trajectory_settings(), self._adapter),
+                          adapter=self._adapter)
         self._scales = self._device_scales = None
         self._module_names, self._module_sparsities, self._module_group = {}, {}, {}
         return True
@@ -235,14 +254,15 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._scales.observe(active_session().state.current_batch_idx, args[0])
 
     def _current_scales(self, device: torch.device) -> torch.Tensor:
-        batch_idx = active_session().state.current_batch_idx
-        if self._device_scales is None or self._device_scales[0] != batch_idx:
-            scales = self._scales.batch_scales(batch_idx)
-            self._device_scales = (batch_idx, scales.to(device=device, dtype=torch.float32))
+        key = (active_session().state.current_batch_idx, self._adapter.current_stream)
+        if self._device_scales is None or self._device_scales[0] != key:
+            scales = self._scales.batch_scales(*key)
+            self._device_scales = (key, scales.to(device=device, dtype=torch.float32))
         return self._device_scales[1]
 
     def _check_scope(self, model: torch.nn.Module):
         """Refuse to prune the LM head; with ``sink_scope: layer`` map each Linear to its layer's scales."""
+        self._adapter.check_scope(list(self._module_names.values()))
         output_embeddings = model.get_output_embeddings()
         for module, name in self._module_names.items():
             if module is output_embeddings or isinstance(module, torch.nn.Embedding):
@@ -252,7 +272,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
                 )
         if self.sink_scope != "layer":
             return
-        layers = list(match_named_modules(model, self._sequential_targets))
+        layers = list(match_named_modules(model, self._adapter.layer_targets(model) or self._sequential_targets))
         attention_layers = len(self._trajectory.layer_names) if self._trajectory else None
         if attention_layers is not None and attention_layers != len(layers):
             raise ValueError(

@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import active_session
+from llmcompressor.pipelines.basic import BasicPipeline
 from llmcompressor.pipelines.registry import CalibrationPipeline
 from llmcompressor.pipelines.sequential import SequentialPipeline
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch.utils.data import DataLoader
 
-from sink_modifier.adapters import adapter_for
+from sink_modifier.adapters import DiffusionAdapter, adapter_for
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.scales import StateScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
@@ -25,15 +26,14 @@ from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_t
 __all__ = ["DiffusionPipeline", "state_dataloader"]
 
 
-def state_dataloader(result: TrajectoryResult) -> tuple[DataLoader, StateScales]:
-    """One batch per state, in a fixed order, and the matching row scales [1, G, T] per batch."""
+def state_dataloader(result: TrajectoryResult, adapter: DiffusionAdapter) -> tuple[DataLoader, StateScales]:
+    """One batch per state, in a fixed order, and the matching row scales [1, G, T] per batch and stream."""
     batches, scales = [], []
     for sample in result.samples:
+        batches.extend(adapter.calibration_batches(sample.states))
         for state, state_scales in zip(sample.states, sample.row_scales, strict=True):
-            # States are never padded; an all-ones attention mask would only make transformers build an
-            # explicit (slow, vmap-based) mask for every batch.
-            batches.append({"input_ids": state.input_ids.unsqueeze(0)})
-            scales.append(state_scales.unsqueeze(0))
+            streams = adapter.stream_scales(state, state_scales)
+            scales.append({stream: value.unsqueeze(0) for stream, value in streams.items()})
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     return loader, StateScales(scales)
 
@@ -62,7 +62,9 @@ class DiffusionPipeline(CalibrationPipeline):
             m for m in session.lifecycle.recipe.modifiers if isinstance(m, SinkAwarePruningModifier)
         ]
         settings, adapter_args = _settings(modifiers)
-        adapter = adapter_for(model, **adapter_args)
+        # The modifiers' own adapter: it tracks streams during calibration for their hooks.
+        adapter = modifiers[0].adapter_instance if modifiers else adapter_for(model, **adapter_args)
+        adapter.prepare(model)
         warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):
@@ -71,7 +73,15 @@ class DiffusionPipeline(CalibrationPipeline):
         layers = dict(match_named_modules(model, targets))
         samples = [row[valid] for row, valid in rows if valid.any()]
         result = run_trajectory(model, adapter, samples, settings, layers=layers)
-        states, scales = state_dataloader(result)
+        states, scales = state_dataloader(result, adapter)
         for modifier in modifiers:
-            modifier.use_trajectory(result, scales)
-        SequentialPipeline()(model, states, dataset_args)
+            modifier.use_trajectory(result, scales, adapter)
+        all_states = [state for sample in result.samples for state in sample.states]
+        with adapter.calibrating(model, all_states):
+            if len(adapter.streams) > 1:
+                # Weights shared by several streams (DiffusionGemma's encoder and decoder) are called from
+                # several layers of one forward; llm-compressor's layer-by-layer pipeline would compress them
+                # after the first, so every module is calibrated over whole forwards and compressed at the end.
+                BasicPipeline()(model, states, dataset_args)
+            else:
+                SequentialPipeline()(model, states, dataset_args)

@@ -225,8 +225,8 @@ class AttentionProbe:
     def __exit__(self, *exc: object) -> None:
         self._uninstall()
 
-    def pop_masses(self) -> torch.Tensor:
-        """Float32 [B, L, K] on CPU; strict so a bypassed or repeated layer can't skew the stats."""
+    def pop_records(self) -> dict[str, list[torch.Tensor]]:
+        """Each layer's [B, K] masses since the last pop (any K), after the same strict checks as pop_masses."""
         records, self._records = self._records, {n: [] for n in self.layer_names}
         missing = [n for n in self.layer_names if not records[n]]
         repeated = [n for n in self.layer_names if len(records[n]) > 1]
@@ -237,7 +237,12 @@ class AttentionProbe:
             problems.append(f"layers {repeated} recorded more than once since the last pop")
         if problems:
             raise AttentionProbeError("; ".join(problems))
-        masses = [records[n][0].float().cpu() for n in self.layer_names]
+        return {n: [m.float().cpu() for m in records[n]] for n in self.layer_names}
+
+    def pop_masses(self) -> torch.Tensor:
+        """Float32 [B, L, K] on CPU; strict so a bypassed or repeated layer can't skew the stats."""
+        records = self.pop_records()
+        masses = [records[n][0] for n in self.layer_names]
         if len({m.shape for m in masses}) > 1:
             shapes = [tuple(m.shape) for m in masses]
             raise AttentionProbeError(f"layers recorded different shapes {shapes}")

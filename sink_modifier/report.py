@@ -9,6 +9,7 @@ it was (absent, if it did not exist).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -54,12 +55,17 @@ def publish(staging: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def attach_report(model: torch.nn.Module, report: dict) -> None:
-    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report``, then publish it to ``dir``."""
+def attach_report(model: torch.nn.Module, report: dict, adapter=None) -> None:
+    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report``, then publish it to ``dir``.
+
+    ``adapter`` (a model family's adapter) wraps the save in its ``saving`` context and edits the staged
+    directory with ``finish_checkpoint`` before it is published.
+    """
     previous = getattr(model, "_sink_report", None)
     model._sink_report = report
+    model._sink_adapter = adapter
     if previous is not None:
-        return  # already wrapped; the wrapper reads the latest report
+        return  # already wrapped; the wrapper reads the latest report and context
     original = model.save_pretrained
 
     @functools.wraps(original)
@@ -69,7 +75,11 @@ def attach_report(model: torch.nn.Module, report: dict) -> None:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
         try:
-            result = original(str(staging), *args, **kwargs)
+            adapter = model._sink_adapter
+            with adapter.saving(model) if adapter is not None else contextlib.nullcontext():
+                result = original(str(staging), *args, **kwargs)
+            if adapter is not None:
+                adapter.finish_checkpoint(model, staging)
             write_report(model._sink_report, staging)
             for path in staging.rglob("*"):  # transformers writes weights 0600; a checkpoint is meant to be shared
                 if path.is_file():

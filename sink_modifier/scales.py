@@ -74,7 +74,7 @@ class SampleScales:
         """Called with each batch's token ids as they enter the model's input embedding."""
         self._batches[batch_idx] = torch.stack([self.lookup(row) for row in input_ids])
 
-    def batch_scales(self, batch_idx: int) -> torch.Tensor:
+    def batch_scales(self, batch_idx: int, stream: str | None = None) -> torch.Tensor:
         try:
             return self._batches[batch_idx]
         except KeyError:
@@ -85,13 +85,23 @@ class SampleScales:
 
 
 class StateScales:
-    """Row scales of the ``diffusion`` pipeline's state batches, by batch index."""
+    """Row scales of the ``diffusion`` pipeline's state batches, by batch index and token stream.
 
-    def __init__(self, batches: list[torch.Tensor]):
+    A stream is a set of rows one forward feeds through the same weights: a single one (``None``) for most
+    models; DiffusionGemma's prefix rows (encoder) and canvas rows (decoder).
+    """
+
+    def __init__(self, batches: list[dict[str | None, torch.Tensor]]):
         self._batches = batches
 
-    def batch_scales(self, batch_idx: int) -> torch.Tensor:
-        return self._batches[batch_idx]
+    def batch_scales(self, batch_idx: int, stream: str | None = None) -> torch.Tensor:
+        scales = self._batches[batch_idx]
+        if stream not in scales:
+            raise CalibrationMismatchError(
+                f"Calibration batch {batch_idx} has row scales for streams {sorted(map(str, scales))}, "
+                f"not for {stream!r}"
+            )
+        return scales[stream]
 
 
 def warn_if_ranks_share_data(dataloader: DataLoader) -> None:

@@ -82,3 +82,42 @@ def build_toy_model(
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def diffusion_gemma_config(*, canvas_length: int = 8, num_experts: int = 4, vocab_size: int = 512):
+    """The smallest text-only DiffusionGemma that transformers 5.17 builds.
+
+    ``vision_config=None`` crashes in 5.17, so a one-layer vision tower comes along; it is never run and
+    never pruned. Hidden sizes are multiples of 16 so that every Linear and expert fits 2:4 and FP8.
+    """
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig
+
+    text = DiffusionGemmaTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, max_position_embeddings=512, sliding_window=16,
+        num_experts=num_experts, top_k_experts=2, moe_intermediate_size=32,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+        bos_token_id=BOS_ID,
+    )
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, patch_size=4,
+                  position_embedding_size=64)
+    return DiffusionGemmaConfig(
+        text_config=text.to_dict(), vision_config=vision, canvas_length=canvas_length,
+        boi_token_id=vocab_size - 3, eoi_token_id=vocab_size - 2, image_token_id=vocab_size - 1,
+    )
+
+
+def build_tiny_diffusion_gemma(output_dir: str | Path, *, seed: int = 0, **config_kwargs) -> Path:
+    """A random-weight tiny DiffusionGemma saved to ``output_dir`` (text only; ids are the tokens)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(diffusion_gemma_config(**config_kwargs))
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    # The model's own processor (Gemma4Processor) needs vision packages; the character tokenizer's ids are
+    # in the vocabulary and its special ids match the config.
+    build_char_tokenizer().save_pretrained(output_dir)
+    return output_dir

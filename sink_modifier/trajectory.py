@@ -9,7 +9,7 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +20,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
-from sink_modifier.adapters import DenoisingState, DiffusionAdapter, no_cache_kwargs
+from sink_modifier.adapters import DenoisingState, DiffusionAdapter
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
 
 
@@ -72,7 +72,8 @@ class SampleTrajectory:
 @dataclass
 class TrajectoryResult:
     samples: list[SampleTrajectory] = field(default_factory=list)
-    layer_names: list[str] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)  # attention layers whose sinks weight the rows
+    reported_layer_names: list[str] = field(default_factory=list)  # recorded and reported only
 
     def report(self, settings: TrajectorySettings, adapter: DiffusionAdapter) -> dict:
         """The content of ``sink_report.json`` (over every rank's samples under torch.distributed)."""
@@ -100,16 +101,11 @@ class TrajectoryResult:
             "num_samples": len(samples),
             "num_states": sum(len(s["noise_levels"]) for s in samples),
             "layers": self.layer_names,
+            **({"reported_layers": self.reported_layer_names} if self.reported_layer_names else {}),
             "groups": ["all_layers"] if settings.sink_scope == "global" else self.layer_names,
             "aggregate": statistics.aggregate(summaries),
             "samples": samples,
         }
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The backbone without the LM head: its logits are not needed to measure attention."""
-    base = getattr(model, "base_model", model)
-    return base if isinstance(base, torch.nn.Module) else model
 
 
 def _execution_device(model: torch.nn.Module) -> torch.device:
@@ -128,42 +124,58 @@ def _execution_device(model: torch.nn.Module) -> torch.device:
     return device
 
 
-def _batches(states: list[DenoisingState], size: int) -> Iterator[list[DenoisingState]]:
-    for start in range(0, len(states), size):
-        yield states[start : start + size]
-
-
-@torch.no_grad()
 def measure_states(
     model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter,
     states: list[DenoisingState], batch_size: int, device: torch.device,
-) -> torch.Tensor:
-    """Attention mass [S, L, T] for the states of one sample (equal lengths, so no padding is needed)."""
-    backbone = _base_model(model)
-    no_cache = no_cache_kwargs(backbone)
-    masses = []
-    for batch in _batches(states, batch_size):
-        input_ids = torch.stack([s.input_ids for s in batch]).to(device)
-        query_mask = adapter.query_mask(batch)
-        probe.query_mask = None if query_mask is None else query_mask.to(device)
-        backbone(input_ids=input_ids, **no_cache)
-        masses.append(probe.pop_masses())
-    probe.query_mask = None
-    mass = torch.cat(masses)
-    if not torch.isfinite(mass).all():
-        bad = [probe.layer_names[i] for i in torch.nonzero(~torch.isfinite(mass).all(0).all(-1))[:, 0]]
-        raise FloatingPointError(
-            f"Non-finite attention mass in {bad}: the model overflows in its dtype on these inputs "
-            "(try float32 or bfloat16 instead of float16)."
-        )
-    return mass
+) -> dict[str | None, torch.Tensor]:
+    """The adapter's attention masses [S, L, T] per stream of records, checked for overflow."""
+    masses = adapter.measure(model, probe, states, batch_size, device)
+    layer_names = adapter.split_layers(list(probe.layer_names))  # one list per stream, in order
+    for mass, names in zip(masses.values(), layer_names, strict=False):
+        if not torch.isfinite(mass).all():
+            bad = [names[i] for i in torch.nonzero(~torch.isfinite(mass).all(0).all(-1))[:, 0]]
+            raise FloatingPointError(
+                f"Non-finite attention mass in {bad}: the model overflows in its dtype on these inputs "
+                "(try float32 or bfloat16 instead of float16)."
+            )
+    return masses
+
+
+def _per_step(grouped: torch.Tensor, valid: torch.Tensor, states: list[DenoisingState], threshold_std: float):
+    """Per state and group: where the dominant sink is and how many sinks there are."""
+    sets = statistics.sink_sets(grouped, valid, threshold_std)
+    dominant = grouped.masked_fill(~valid[:, None, :], float("-inf")).argmax(dim=-1)  # [S, G]
+    return [
+        {"step": state.step, "noise_level": round(float(state.noise_level), 4),
+         "dominant_position": dominant[i].tolist(), "num_sinks": sets[i].sum(-1).tolist()}
+        for i, state in enumerate(states)
+    ]
+
+
+def _stream_summary(mass: torch.Tensor, valid: torch.Tensor, settings: TrajectorySettings) -> dict:
+    """Diagnostics of a stream that is reported but does not weight rows (DiffusionGemma's encoder)."""
+    grouped = statistics.scope_mass(mass, settings.sink_scope)
+    valid = valid & (grouped.sum(dim=1) > 0)  # positions this stream attends at all
+    scores = statistics.sink_scores(grouped, valid, threshold_std=settings.sink_threshold_std,
+                                    sharpness=settings.sink_sharpness, kind=settings.sink_score)
+    summary = statistics.summarize(grouped, valid, scores, threshold_std=settings.sink_threshold_std,
+                                   unstable_variance=settings.unstable_variance).to_dict()
+    summary.pop("extra")
+    return summary
 
 
 def analyse_sample(
-    tokens: torch.Tensor, states: list[DenoisingState], mass: torch.Tensor,
+    tokens: torch.Tensor, states: list[DenoisingState], masses: dict[str | None, torch.Tensor] | torch.Tensor,
     settings: TrajectorySettings,
 ) -> SampleTrajectory:
-    """Sink scores, row scales and diagnostics of one sample from its attention masses."""
+    """Sink scores, row scales and diagnostics of one sample from its attention masses.
+
+    ``masses`` maps each stream of attention records to [S, L, T]; the first stream's sinks give the row
+    scales (the denoiser's), the others are summarised in ``summary.extra``.
+    """
+    if isinstance(masses, torch.Tensor):
+        masses = {None: masses}
+    (_, mass), *others = masses.items()
     valid = torch.stack([s.valid for s in states])
     grouped = statistics.scope_mass(mass, settings.sink_scope)
     scores = statistics.sink_scores(
@@ -182,6 +194,9 @@ def analyse_sample(
     mean, variance = statistics.temporal_stats(scores, valid)
     summary.extra["score_mean"] = mean.round(decimals=4).tolist()
     summary.extra["score_variance"] = variance.round(decimals=4).tolist()
+    summary.extra["per_step"] = _per_step(grouped, valid, states, settings.sink_threshold_std)
+    for stream, stream_mass in others:
+        summary.extra[f"{stream}_attention"] = _stream_summary(stream_mass, valid, settings)
     return SampleTrajectory(
         tokens=tokens, states=states, scores=scores, row_scales=scales,
         mean_row_scales=statistics.mean_row_scales(scales, valid), summary=summary,
@@ -232,14 +247,16 @@ def run_trajectory(
     try:
         device = _execution_device(model)
         sample_states = _sample_states(model, adapter, samples, settings)  # before the probe: see its docstring
-        attention_modules = None if discover_attention_modules(model) or not layers else layers
+        attention_modules = adapter.attention_modules(model)
+        if attention_modules is None and not discover_attention_modules(model) and layers:
+            attention_modules = layers
         probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
                                attention_modules=attention_modules)
         with probe:
-            result.layer_names = list(probe.layer_names)
+            result.layer_names, result.reported_layer_names = adapter.split_layers(list(probe.layer_names))
             for tokens, states in tqdm(sample_states, desc="Sink trajectory", disable=not progress, unit="sample"):
-                mass = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
-                result.samples.append(analyse_sample(tokens, states, mass, settings))
+                masses = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
+                result.samples.append(analyse_sample(tokens, states, masses, settings))
     finally:
         model.train(was_training)
     if not result.samples:

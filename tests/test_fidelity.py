@@ -68,7 +68,7 @@ def test_rows_are_weighted_by_their_row_scale(dlm_path, method):
     torch.manual_seed(0)
     x = torch.randn(1, 6, linear.in_features)
     r = torch.tensor([[[1.0, 0.5, 0.0, 0.25, 1.0, 0.75]]])  # [B, G, T]
-    modifier.use_trajectory(result=None, scales=StateScales([r]))
+    modifier.use_trajectory(result=None, scales=StateScales([{None: r}]), adapter=MaskedDiffusionAdapter(MASK_ID))
     session.state.current_batch_idx = 0
     modifier.calibrate_module(linear, (x,), None)
     weighted = (x[0] * r[0, 0, :, None]).double()
