@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sink_modifier.toy import build_toy_model
+from sink_modifier.toy import build_tiny_diffusion_gemma, build_toy_model
 
 CALIBRATION_TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -35,6 +35,12 @@ def dlm_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ar_path(tmp_path_factory):
     return build_toy_model(tmp_path_factory.mktemp("ar"), bidirectional=False)
+
+
+@pytest.fixture(scope="session")
+def diffusion_gemma_path(tmp_path_factory):
+    """Tiny random text-only DiffusionGemma (canvas 8, sliding window 16, 4 experts) with a char tokenizer."""
+    return build_tiny_diffusion_gemma(tmp_path_factory.mktemp("diffusion_gemma"))
 
 
 def load_model(path) -> torch.nn.Module:

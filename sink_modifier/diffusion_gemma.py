@@ -93,6 +93,9 @@ class BlockDiffusionState(DenoisingState):
     prefix_length: int = 0
     canvas_length: int = 0
     self_conditioning: torch.Tensor | None = None  # [canvas, hidden] on CPU
+    # Generation encodes a prefix once per block while the decoder runs every step; each of the block's S
+    # recorded states re-encodes it, so its prefix rows count 1/S (see ``stream_scales``).
+    prefix_weight: float = 1.0
 
     @property
     def prefix(self) -> torch.Tensor:
@@ -325,7 +328,7 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
             random_tokens = torch.randint(0, self.vocab_size, clean.shape, generator=generator)
             ids = torch.cat([prefix, torch.where(noisy, random_tokens, clean)])
             states.append(BlockDiffusionState(ids, valid, step=k - 1, noise_level=t, prefix_length=prefix.numel(),
-                                              canvas_length=canvas))
+                                              canvas_length=canvas, prefix_weight=1.0 / levels))
         return states
 
     @torch.no_grad()
@@ -405,9 +408,14 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
 
     @staticmethod
     def stream_scales(state: BlockDiffusionState, scales: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A state's row scales [G, T] split into each stream's rows: prefix -> encoder, canvas -> decoder."""
+        """A state's row scales [G, T] split into each stream's rows: prefix -> encoder, canvas -> decoder.
+
+        Both streams are weighted by the sinks of this state's decoder attention (prefix tokens are sinks of
+        the denoiser too). Prefix rows are further scaled by ``sqrt(prefix_weight)``: statistics are sums of
+        squared rows, so a block's prefix then counts once, as often as generation encodes it.
+        """
         prefix, end = state.prefix_length, state.prefix_length + state.canvas_length
-        return {ENCODER: scales[:, :prefix], DECODER: scales[:, prefix:end]}
+        return {ENCODER: scales[:, :prefix] * state.prefix_weight**0.5, DECODER: scales[:, prefix:end]}
 
     @property
     def current_stream(self) -> str | None:
@@ -473,6 +481,9 @@ class _GenerationRecorder:
         if not self.records:
             raise AdapterError("generate() ran no denoising step; check max_new_tokens and the prompt")
         length = max(prefix.numel() + canvas_length for prefix, *_ in self.records)
+        steps_per_prefix: dict[int, int] = {}
+        for prefix, *_ in self.records:
+            steps_per_prefix[prefix.numel()] = steps_per_prefix.get(prefix.numel(), 0) + 1
         states = []
         for index, (prefix, canvas, signal) in enumerate(self.records):
             end = prefix.numel() + canvas_length
@@ -484,5 +495,6 @@ class _GenerationRecorder:
             states.append(BlockDiffusionState(
                 ids, valid, step=index, noise_level=noise, prefix_length=prefix.numel(),
                 canvas_length=canvas_length, self_conditioning=signal,
+                prefix_weight=1.0 / steps_per_prefix[prefix.numel()],
             ))
         return states
