@@ -1,4 +1,4 @@
-"""DiffusionGemma end to end: its own sampler as the forward loop, shared encoder/decoder weights, fused experts."""
+"""DiffusionGemma end to end: its own sampler as the forward loop, shared encoder/decoder weights, experts."""
 
 from __future__ import annotations
 
@@ -146,6 +146,7 @@ def test_sampler_trajectory_through_oneshot(diffusion_gemma_path, tmp_path):
             assert len(steps) == len(sample["noise_levels"]) <= 12
             assert all({"dominant_position", "num_sinks", "noise_level"} <= set(s) for s in steps)
             assert "spatial_variance" in sample["extra"]["encoder_attention"]
+            assert len(sample["extra"]["per_layer"]["centroid_temporal_variance"]) == 2  # decoder layers
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             keys = list(f.keys())
         assert not [k for k in keys if "encoder.language_model.layers" in k and "layer_scalar" not in k]
@@ -227,3 +228,30 @@ def test_prefix_rows_count_once_per_block(diffusion_gemma_path):
     streams = adapter.stream_scales(states[0], scales)
     torch.testing.assert_close(streams["encoder"], scales[:, :22] * 0.5)  # sqrt(1/4): 4 states share a prefix
     torch.testing.assert_close(streams["decoder"], scales[:, 22:30])
+
+
+def test_sparsegpt_refuses_hessians_that_cannot_fit(diffusion_gemma_path, tmp_path, monkeypatch):
+    import psutil
+
+    class Tiny:
+        available = 1024  # bytes: far less than the tiny model's Hessians
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    with pytest.raises(ValueError, match="Hessian.*method: wanda"):
+        run_oneshot(diffusion_gemma_path, tmp_path / "out",
+                    [SinkAwarePruningModifier(sparsity=0.5, method="sparsegpt", noise_levels=2)])
+
+
+def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, capsys):
+    """`sink-prune run` picks DiffusionGemma's model class and the diffusion pipeline by itself."""
+    from sink_modifier.cli import main
+
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text("\n".join(TEXTS))
+    output = tmp_path / "pruned"
+    code = main(["run", str(diffusion_gemma_path), "--recipe", str(RECIPE), "--text-file", str(text_file),
+                 "--num-samples", "2", "--output", str(output)])
+    out = capsys.readouterr().out
+    assert code == 0 and "DiffusionGemmaForBlockDiffusion.from_pretrained" in out
+    report = json.loads((output / "sink_report.json").read_text())
+    assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"

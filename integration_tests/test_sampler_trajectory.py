@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import AutoregressiveAdapter, MaskedDiffusionAdapter
+from sink_modifier.sampling import masked_diffusion_sample
 from sink_modifier.toy import MASK_ID
 
 SAMPLER = dict(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_fraction=0.5)
@@ -49,6 +50,10 @@ def test_sampler_trajectory_through_oneshot(dlm_path, tmp_path, pipeline):
                 recipe=[SinkAwarePruningModifier(sparsity=0.5, mask_structure="2:4", **SAMPLER)])
         reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         weights.append({n: p for n, p in reloaded.named_parameters() if "layers" in n})
+        # the pruned model still generates with the same sampler
+        generated = masked_diffusion_sample(reloaded, torch.arange(10, 26), answer_length=8, steps=4,
+                                            mask_token_id=MASK_ID).tokens
+        assert generated.shape[-1] == 24 and not (generated == MASK_ID).any()
         report = json.loads((out / "sink_report.json").read_text())
         assert report["trajectory"] == "sampler"
         assert report["num_states"] == 8 * 8

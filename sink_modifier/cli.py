@@ -326,7 +326,7 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local directory or a Hub id, with errors that say what to do."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
@@ -337,7 +337,8 @@ def load_model(
     source = name if hub else str(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model_class = _model_class(source, trust_remote_code)
+        model = model_class.from_pretrained(
             source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
     except OSError as error:
@@ -355,6 +356,26 @@ def load_model(
         raise
     logger.info(f"Loaded {type(model).__name__} from {source} ({_parameter_count(model)} parameters)")
     return model, tokenizer
+
+
+def _model_class(source: str, trust_remote_code: bool):
+    """DiffusionGemma is not an ``AutoModelForCausalLM``; every other supported family is."""
+    from transformers import AutoConfig, AutoModelForCausalLM, DiffusionGemmaForBlockDiffusion
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if getattr(config, "model_type", None) == "diffusion_gemma":
+        return DiffusionGemmaForBlockDiffusion
+    return AutoModelForCausalLM
+
+
+def _pipeline_for(model, requested: str) -> str:
+    """DiffusionGemma calibrates only on its recorded denoising states, which the diffusion pipeline feeds."""
+    from sink_modifier.diffusion_gemma import is_diffusion_gemma
+
+    if is_diffusion_gemma(model) and requested != "diffusion":
+        logger.info("DiffusionGemma calibrates on its own denoising states: using pipeline 'diffusion'")
+        return "diffusion"
+    return requested
 
 
 def _parameter_count(model: torch.nn.Module) -> str:
@@ -540,6 +561,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         samples = token_samples(args, tokenizer)
     start = time.perf_counter()
+    args.pipeline = _pipeline_for(model, args.pipeline)
     if samples is None:
         from llmcompressor import oneshot
 
@@ -555,13 +577,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {pruned_fraction(model):.1%} of the Linear "
           "weights outside the LM head are zero")
-    _print_checkpoint(output)
+    _print_checkpoint(output, loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
     return 0
 
 
-def _print_checkpoint(output: Path, indent: str = "") -> None:
+def _print_checkpoint(output: Path, indent: str = "", loader: str | None = None) -> None:
     report = output / "sink_report.json"
-    print(f"{indent}checkpoint:  {output}/  (load with AutoModelForCausalLM.from_pretrained)")
+    print(f"{indent}checkpoint:  {output}/  (load with {loader or 'AutoModelForCausalLM'}.from_pretrained)")
     print(f"{indent}recipe:      {output / 'recipe.yaml'}")
     if report.exists():
         print(f"{indent}sink report: {report}")

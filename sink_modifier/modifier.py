@@ -166,6 +166,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._engine._module_names = self._module_names
         self._engine._module_sparsities = self._module_sparsities
         self._check_scope(model)
+        if self.method == "sparsegpt" and len(self._adapter.streams) > 1:
+            self._check_hessians_fit()
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
         inp = args[0]
@@ -230,6 +232,29 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             scales.add(row, valid, sample.tokens, sample.mean_row_scales)
         self._trajectory = result
         return scales
+
+    def _check_hessians_fit(self):
+        """Refuse a SparseGPT run whose Hessians cannot all be held at once (docs/memory.md).
+
+        Weights shared by several streams are calibrated over whole forwards, so every target's Hessian
+        (``4 in_features^2`` bytes) is alive until the end: 234 GiB for DiffusionGemma-26B's experts. Failing
+        here costs nothing; running out of memory after the trajectory phase costs hours.
+        """
+        import psutil
+
+        need = sum(4 * m.weight.shape[1] ** 2 for m in self._module_names)
+        device = next(iter(self._module_names)).weight.device
+        if self.offload_hessians or device.type == "cpu":
+            where, have = "CPU memory", psutil.virtual_memory().available
+        else:
+            where, have = f"free memory on {device}", torch.cuda.mem_get_info(device)[0]
+        if need > 0.9 * have:
+            raise ValueError(
+                f"SparseGPT here keeps every target's Hessian until calibration ends: {need / 2**30:.1f} GiB, "
+                f"more than the {have / 2**30:.1f} GiB of {where}. Use method: wanda (row statistics: "
+                f"{sum(4 * m.weight.shape[1] for m in self._module_names) / 2**20:.1f} MiB), set "
+                "offload_hessians: true on a machine with enough RAM, or prune fewer layers per run (targets)"
+            )
 
     def _reduce_statistics_across_ranks(self):
         """Combine every rank's Wanda row statistics or SparseGPT Hessians into the all-data mean.

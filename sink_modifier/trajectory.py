@@ -195,6 +195,13 @@ def analyse_sample(
     summary.extra["score_mean"] = mean.round(decimals=4).tolist()
     summary.extra["score_variance"] = variance.round(decimals=4).tolist()
     summary.extra["per_step"] = _per_step(grouped, valid, states, settings.sink_threshold_std)
+    if settings.sink_scope == "global":  # the paper's per-layer diagnostics, whatever scope weights the rows
+        summary.extra["per_layer"] = {
+            "spatial_variance": statistics.spatial_variance(mass, valid).tolist(),
+            "centroid_temporal_variance": statistics.centroid_temporal_variance(
+                mass, valid, settings.sink_threshold_std).tolist(),
+            "dominant_sink_variance": statistics.dominant_sink_variance(mass, valid).tolist(),
+        }
     for stream, stream_mass in others:
         summary.extra[f"{stream}_attention"] = _stream_summary(stream_mass, valid, settings)
     return SampleTrajectory(
