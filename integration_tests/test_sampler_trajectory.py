@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import AutoregressiveAdapter, MaskedDiffusionAdapter
+from sink_modifier.probe import AttentionProbe
 from sink_modifier.sampling import masked_diffusion_sample
 from sink_modifier.toy import MASK_ID
+from sink_modifier.trajectory import TrajectorySettings, analyse_sample, measure_states, run_trajectory
 
 SAMPLER = dict(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_fraction=0.5)
 
@@ -80,3 +82,23 @@ def test_autoregressive_sampler_decodes_greedily(ar_path):
 def test_sampler_steps_must_fill_blocks():
     with pytest.raises(ValueError, match="multiple of sampler_blocks"):
         SinkAwarePruningModifier(trajectory="sampler", sampler_steps=9, sampler_blocks=2)
+
+
+def test_masked_sampler_is_measured_in_its_own_forwards(dlm_path):
+    """One forward per state: the sampler's forwards are probed, and give what a second pass would."""
+    model = load_model(dlm_path)
+    adapter = MaskedDiffusionAdapter(MASK_ID)
+    settings = TrajectorySettings(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_fraction=0.5)
+    tokens = torch.arange(10, 42)
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    single = run_trajectory(model, adapter, [tokens], settings, progress=False).samples[0]
+    handle.remove()
+    assert len(forwards) == len(single.states) == 8
+    states = adapter.sampler_states(model, tokens, steps=8, blocks=2, prompt_fraction=0.5, temperature=0.0, seed=0)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(single.states, states, strict=True))
+    with AttentionProbe(model) as probe:
+        masses = measure_states(model, probe, adapter, states, 8, torch.device("cpu"))
+    expected = analyse_sample(tokens, states, masses, settings)
+    torch.testing.assert_close(single.scores, expected.scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single.row_scales, expected.row_scales, atol=1e-5, rtol=1e-5)

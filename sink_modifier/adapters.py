@@ -76,6 +76,9 @@ class DiffusionAdapter(ABC):
 
     # ---- hooks a family overrides when its forward is not ``model(input_ids=...)`` -----------------
 
+    #: whether ``sampler_states`` makes exactly one full forward per recorded state, on that state's tokens,
+    #: so the trajectory phase can measure attention during sampling instead of in a second forward
+    sampler_forward_is_state: ClassVar[bool] = False
     #: the token streams whose rows a calibration forward feeds through shared weights (None: one stream)
     streams: ClassVar[tuple[str | None, ...]] = (None,)
     current_stream: str | None = None
@@ -149,6 +152,7 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
     """
 
     name = "masked"
+    sampler_forward_is_state = True  # LLaDA's sampler: one full forward per step, on the step's input
 
     def __init__(self, mask_token_id: int):
         self.mask_token_id = int(mask_token_id)

@@ -210,31 +210,46 @@ def analyse_sample(
     )
 
 
-def _sample_states(
-    model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
+def _checked(tokens: torch.Tensor) -> torch.Tensor:
+    tokens = tokens.to(torch.long).cpu()
+    if tokens.numel() < 2:
+        raise ValueError(
+            f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
+            "positions. Remove empty or one-token samples from the dataset"
+        )
+    return tokens
+
+
+def _states(
+    model: torch.nn.Module, adapter: DiffusionAdapter, tokens: torch.Tensor, settings: TrajectorySettings,
+) -> list[DenoisingState]:
+    if settings.trajectory == "sampler":
+        return adapter.sampler_states(
+            model, tokens, steps=settings.sampler_steps, blocks=settings.sampler_blocks,
+            prompt_fraction=settings.prompt_fraction, temperature=settings.sampler_temperature,
+            seed=settings.seed,
+        )
+    return adapter.forward_noise_states(tokens, levels=settings.noise_levels, eps=settings.noise_eps,
+                                        seed=settings.seed)
+
+
+def _sampled_and_measured(
+    model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter, tokens: torch.Tensor,
     settings: TrajectorySettings,
-) -> list[tuple[torch.Tensor, list[DenoisingState]]]:
-    """Every sample's states, produced before the probe is installed (the sampler runs its own forwards)."""
-    result = []
-    for tokens in samples:
-        tokens = tokens.to(torch.long).cpu()
-        if tokens.numel() < 2:
-            raise ValueError(
-                f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
-                "positions. Remove empty or one-token samples from the dataset"
-            )
-        if settings.trajectory == "sampler":
-            states = adapter.sampler_states(
-                model, tokens, steps=settings.sampler_steps, blocks=settings.sampler_blocks,
-                prompt_fraction=settings.prompt_fraction, temperature=settings.sampler_temperature,
-                seed=settings.seed,
-            )
-        else:
-            states = adapter.forward_noise_states(
-                tokens, levels=settings.noise_levels, eps=settings.noise_eps, seed=settings.seed
-            )
-        result.append((tokens, states))
-    return result
+) -> tuple[list[DenoisingState], dict[str | None, torch.Tensor]]:
+    """Run the sampler under the probe and keep each forward's masses: one forward per state, not two.
+
+    Only for adapters whose sampler makes exactly one full forward per recorded state, on that state's tokens.
+    """
+    masses = []
+    handle = model.register_forward_hook(lambda *_: masses.append(probe.pop_masses()))
+    try:
+        states = _states(model, adapter, tokens, settings)
+    finally:
+        handle.remove()
+    if len(masses) != len(states):
+        raise RuntimeError(f"the sampler made {len(masses)} forwards for {len(states)} recorded states")
+    return states, {None: torch.cat(masses)}
 
 
 def run_trajectory(
@@ -253,7 +268,11 @@ def run_trajectory(
     model.eval()
     try:
         device = _execution_device(model)
-        sample_states = _sample_states(model, adapter, samples, settings)  # before the probe: see its docstring
+        samples = [_checked(tokens) for tokens in samples]
+        single_pass = settings.trajectory == "sampler" and adapter.sampler_forward_is_state
+        # Other samplers run before the probe is installed: their forwards (KV-cached decoding, encoder
+        # prefills) are not one per state, so each recorded state is measured by a forward of its own.
+        sample_states = [] if single_pass else [(t, _states(model, adapter, t, settings)) for t in samples]
         attention_modules = adapter.attention_modules(model)
         if attention_modules is None and not discover_attention_modules(model) and layers:
             attention_modules = layers
@@ -261,8 +280,13 @@ def run_trajectory(
                                attention_modules=attention_modules)
         with probe:
             result.layer_names, result.reported_layer_names = adapter.split_layers(list(probe.layer_names))
-            for tokens, states in tqdm(sample_states, desc="Sink trajectory", disable=not progress, unit="sample"):
-                masses = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
+            for index in tqdm(range(len(samples)), desc="Sink trajectory", disable=not progress, unit="sample"):
+                if single_pass:
+                    tokens = samples[index]
+                    states, masses = _sampled_and_measured(model, probe, adapter, tokens, settings)
+                else:
+                    tokens, states = sample_states[index]
+                    masses = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
                 result.samples.append(analyse_sample(tokens, states, masses, settings))
     finally:
         model.train(was_training)
