@@ -237,6 +237,11 @@ def test_sparsegpt_refuses_hessians_that_cannot_fit(diffusion_gemma_path, tmp_pa
         available = 1024  # bytes: far less than the tiny model's Hessians
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+
+    def no_trajectory(*args, **kwargs):
+        raise AssertionError("the refusal must come before the trajectory phase")
+
+    monkeypatch.setattr("sink_modifier.pipeline.run_trajectory", no_trajectory)
     with pytest.raises(ValueError, match="Hessian.*method: wanda"):
         run_oneshot(diffusion_gemma_path, tmp_path / "out",
                     [SinkAwarePruningModifier(sparsity=0.5, method="sparsegpt", noise_levels=2)])
@@ -255,3 +260,37 @@ def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, cap
     assert code == 0 and "DiffusionGemmaForBlockDiffusion.from_pretrained" in out
     report = json.loads((output / "sink_report.json").read_text())
     assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"
+
+
+def test_quantization_only_recipe_saves_through_the_diffusion_pipeline(diffusion_gemma_path, tmp_path):
+    """Without a SinkAwarePruningModifier the pipeline still ties the streams and saves each weight once."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    out = tmp_path / "fp8"
+    run_oneshot(diffusion_gemma_path, out, [QuantizationModifier(
+        scheme="FP8_DYNAMIC", targets=["Linear"],
+        ignore=["re:.*lm_head", "re:.*router.*", "re:.*vision.*", "re:.*embed.*", "re:.*self_conditioning.*"])])
+    assert not (out / "sink_report.json").exists()
+    model = load(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    encoder, decoder = layers(model)
+    assert torch.equal(encoder[0].self_attn.q_proj.weight, decoder[0].self_attn.q_proj.weight)
+    assert model.generate(torch.tensor([[2, 10, 11]]), max_new_tokens=8).sequences.shape == (1, 11)
+
+
+def test_prepare_model_keeps_one_copy_and_the_outputs(diffusion_gemma_path):
+    import sink_modifier
+
+    model = load(diffusion_gemma_path)
+    inputs = dict(input_ids=torch.tensor([[2, 10, 11, 12, 13]]), decoder_input_ids=torch.arange(20, 28)[None])
+    with torch.no_grad():
+        before = model(**inputs).logits
+    parameters = sum(p.numel() for p in model.parameters())
+    sink_modifier.prepare_model(model)
+    with torch.no_grad():
+        after = model(**inputs).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == parameters  # experts linearized without a copy
+    encoder, decoder = layers(model)
+    assert all(e.experts is d.experts and e.mlp is d.mlp for e, d in zip(encoder, decoder, strict=True))
+    names = [n for n, m in model.named_modules() if m is decoder[0].experts[0].down_proj]
+    assert names == ["model.decoder.layers.0.experts.0.down_proj"]

@@ -7,11 +7,11 @@
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from sink_modifier.diffusion_gemma import register_checkpoint_conversion
+from sink_modifier.diffusion_gemma import prepare_model, register_checkpoint_conversion
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.pipeline import DiffusionPipeline
 
-__all__ = ["SinkAwarePruningModifier", "DiffusionPipeline", "__version__"]
+__all__ = ["SinkAwarePruningModifier", "DiffusionPipeline", "prepare_model", "__version__"]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)

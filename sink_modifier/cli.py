@@ -583,7 +583,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_checkpoint(output: Path, indent: str = "", loader: str | None = None) -> None:
     report = output / "sink_report.json"
-    print(f"{indent}checkpoint:  {output}/  (load with {loader or 'AutoModelForCausalLM'}.from_pretrained)")
+    how = f"{loader}.from_pretrained after `import sink_modifier` (its per-expert keys)" if loader else (
+        "AutoModelForCausalLM.from_pretrained")
+    print(f"{indent}checkpoint:  {output}/  (load with {how})")
     print(f"{indent}recipe:      {output / 'recipe.yaml'}")
     if report.exists():
         print(f"{indent}sink report: {report}")

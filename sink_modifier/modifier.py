@@ -17,6 +17,7 @@ import torch.distributed as dist
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
+from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
@@ -140,7 +141,25 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             sparsity=self.sparsity, mask_structure=self.mask_structure, targets=self.targets,
             ignore=self.ignore, **extra,
         )
+        # Checks that need only the modules in scope run now, before the trajectory phase spends any time.
+        planned = self._planned_modules()
+        self._check_in_scope(model, planned)
+        if self.method == "sparsegpt" and len(self._adapter.streams) > 1:
+            self._check_hessians_fit(planned)
         return True
+
+    def _planned_modules(self) -> dict[torch.nn.Module, str]:
+        """The Linears the engine will hook: llm-compressor's own selection (target layers, minus ignore)."""
+        from compressed_tensors.utils import match_targets
+        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
+
+        planned = {}
+        for layer_name, layer in self._target_layers.items():
+            for name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
+                name = f"{layer_name}.{name}"
+                if not match_targets(name, module, self.ignore) and not isinstance(module, torch.nn.Embedding):
+                    planned.setdefault(module, name)
+        return planned
 
     @property
     def adapter_instance(self) -> DiffusionAdapter:
@@ -165,9 +184,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         super().on_calibration_start(state, event, **kwargs)
         self._engine._module_names = self._module_names
         self._engine._module_sparsities = self._module_sparsities
-        self._check_scope(model)
-        if self.method == "sparsegpt" and len(self._adapter.streams) > 1:
-            self._check_hessians_fit()
+        self._check_in_scope(model, self._module_names)
+        self._map_layer_scope(model)
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
         inp = args[0]
@@ -179,7 +197,9 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         scale = self._current_scales(inp.device)[:, self._module_group.get(module, 0)]  # [B, T] of this stream
         if inp.dim() == 3 and inp.shape[:2] == scale.shape:
             weighted = inp.float() * scale.unsqueeze(-1)
-        elif inp.dim() == 2 and inp.shape[0] == scale.numel():
+        elif inp.dim() == 2 and inp.shape[0] == scale.numel() and get_calibrate_all_experts_flag():
+            # MoE experts see every token, in token order, only with llm-compressor's all-experts flag;
+            # otherwise their rows are the routed tokens in routing order and cannot be matched.
             weighted = inp.float() * scale.reshape(-1, 1)
         else:
             raise ValueError(
@@ -233,7 +253,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._trajectory = result
         return scales
 
-    def _check_hessians_fit(self):
+    def _check_hessians_fit(self, modules: dict[torch.nn.Module, str]):
         """Refuse a SparseGPT run whose Hessians cannot all be held at once (docs/memory.md).
 
         Weights shared by several streams are calibrated over whole forwards, so every target's Hessian
@@ -242,8 +262,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         """
         import psutil
 
-        need = sum(4 * m.weight.shape[1] ** 2 for m in self._module_names)
-        device = next(iter(self._module_names)).weight.device
+        need = sum(4 * m.weight.shape[1] ** 2 for m in modules)
+        device = next(iter(modules)).weight.device
         if self.offload_hessians or device.type == "cpu":
             where, have = "CPU memory", psutil.virtual_memory().available
         else:
@@ -252,7 +272,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             raise ValueError(
                 f"SparseGPT here keeps every target's Hessian until calibration ends: {need / 2**30:.1f} GiB, "
                 f"more than the {have / 2**30:.1f} GiB of {where}. Use method: wanda (row statistics: "
-                f"{sum(4 * m.weight.shape[1] for m in self._module_names) / 2**20:.1f} MiB), set "
+                f"{sum(4 * m.weight.shape[1] for m in modules) / 2**20:.1f} MiB), set "
                 "offload_hessians: true on a machine with enough RAM, or prune fewer layers per run (targets)"
             )
 
@@ -285,16 +305,19 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             self._device_scales = (key, scales.to(device=device, dtype=torch.float32))
         return self._device_scales[1]
 
-    def _check_scope(self, model: torch.nn.Module):
-        """Refuse to prune the LM head; with ``sink_scope: layer`` map each Linear to its layer's scales."""
-        self._adapter.check_scope(list(self._module_names.values()))
+    def _check_in_scope(self, model: torch.nn.Module, modules: dict[torch.nn.Module, str]):
+        """Refuse to prune the LM head, an embedding, or what the model family protects (routers, vision)."""
+        self._adapter.check_scope(list(modules.values()))
         output_embeddings = model.get_output_embeddings()
-        for module, name in self._module_names.items():
+        for module, name in modules.items():
             if module is output_embeddings or isinstance(module, torch.nn.Embedding):
                 raise ValueError(
                     f"The recipe would prune {name}, the model's LM head or an embedding; narrow targets to "
                     "the decoder layers or add a matching pattern (e.g. 're:.*lm_head.*') to ignore"
                 )
+
+    def _map_layer_scope(self, model: torch.nn.Module):
+        """With ``sink_scope: layer`` map each Linear to its layer's scales."""
         if self.sink_scope != "layer":
             return
         layers = list(match_named_modules(model, self._adapter.layer_targets(model) or self._sequential_targets))

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from sink_modifier.adapters import DiffusionAdapter, adapter_for
 from sink_modifier.modifier import SinkAwarePruningModifier
+from sink_modifier.report import attach_report
 from sink_modifier.scales import StateScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
 
@@ -65,6 +66,9 @@ class DiffusionPipeline(CalibrationPipeline):
         # The modifiers' own adapter: it tracks streams during calibration for their hooks.
         adapter = modifiers[0].adapter_instance if modifiers else adapter_for(model, **adapter_args)
         adapter.prepare(model)
+        # A recipe without a SinkAwarePruningModifier still needs the family's save path (DiffusionGemma's
+        # shared modules); the modifier adds its report here when it finalizes.
+        attach_report(model, None, adapter=adapter)
         warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):

@@ -55,17 +55,17 @@ def publish(staging: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def attach_report(model: torch.nn.Module, report: dict, adapter=None) -> None:
-    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report``, then publish it to ``dir``.
+def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> None:
+    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report`` (if any), then publish it.
 
     ``adapter`` (a model family's adapter) wraps the save in its ``saving`` context and edits the staged
     directory with ``finish_checkpoint`` before it is published.
     """
-    previous = getattr(model, "_sink_report", None)
     model._sink_report = report
     model._sink_adapter = adapter
-    if previous is not None:
-        return  # already wrapped; the wrapper reads the latest report and context
+    if getattr(model, "_sink_save_wrapped", False):
+        return  # already wrapped; the wrapper reads the latest report and adapter
+    model._sink_save_wrapped = True
     original = model.save_pretrained
 
     @functools.wraps(original)
@@ -80,7 +80,8 @@ def attach_report(model: torch.nn.Module, report: dict, adapter=None) -> None:
                 result = original(str(staging), *args, **kwargs)
             if adapter is not None:
                 adapter.finish_checkpoint(model, staging)
-            write_report(model._sink_report, staging)
+            if model._sink_report is not None:
+                write_report(model._sink_report, staging)
             for path in staging.rglob("*"):  # transformers writes weights 0600; a checkpoint is meant to be shared
                 if path.is_file():
                     path.chmod(0o666 & ~_umask())

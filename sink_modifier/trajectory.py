@@ -8,8 +8,9 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -252,6 +253,22 @@ def _sampled_and_measured(
     return states, {None: torch.cat(masses)}
 
 
+@contextlib.contextmanager
+def routed_experts_only() -> Iterator[None]:
+    """Turn off llm-compressor's all-experts calibration flag, which oneshot sets for the whole run.
+
+    It only matters for statistics (every expert sees every token, outputs unchanged: about E / top-k times
+    the expert compute); the trajectory phase needs none, so MoE models run their routed experts only.
+    """
+    from llmcompressor.modeling.moe import context
+
+    previous, context._CALIBRATE_ALL_EXPERTS = context._CALIBRATE_ALL_EXPERTS, False
+    try:
+        yield
+    finally:
+        context._CALIBRATE_ALL_EXPERTS = previous
+
+
 def run_trajectory(
     model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
     settings: TrajectorySettings, *, layers: dict[str, torch.nn.Module] | None = None, progress: bool = True,
@@ -272,13 +289,14 @@ def run_trajectory(
         single_pass = settings.trajectory == "sampler" and adapter.sampler_forward_is_state
         # Other samplers run before the probe is installed: their forwards (KV-cached decoding, encoder
         # prefills) are not one per state, so each recorded state is measured by a forward of its own.
-        sample_states = [] if single_pass else [(t, _states(model, adapter, t, settings)) for t in samples]
+        with routed_experts_only():
+            sample_states = [] if single_pass else [(t, _states(model, adapter, t, settings)) for t in samples]
         attention_modules = adapter.attention_modules(model)
         if attention_modules is None and not discover_attention_modules(model) and layers:
             attention_modules = layers
         probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
                                attention_modules=attention_modules)
-        with probe:
+        with probe, routed_experts_only():
             result.layer_names, result.reported_layer_names = adapter.split_layers(list(probe.layer_names))
             for index in tqdm(range(len(samples)), desc="Sink trajectory", disable=not progress, unit="sample"):
                 if single_pass:
