@@ -294,3 +294,15 @@ def test_prepare_model_keeps_one_copy_and_the_outputs(diffusion_gemma_path):
     assert all(e.experts is d.experts and e.mlp is d.mlp for e, d in zip(encoder, decoder, strict=True))
     names = [n for n, m in model.named_modules() if m is decoder[0].experts[0].down_proj]
     assert names == ["model.decoder.layers.0.experts.0.down_proj"]
+
+
+def test_fused_checkpoints_stay_fused_when_saved(diffusion_gemma_path, tmp_path):
+    """The per-expert load mapping is load-only: a fused model saved in this process keeps its native keys."""
+    model = load(diffusion_gemma_path)
+    model.save_pretrained(tmp_path / "resaved")
+    with safe_open(str(tmp_path / "resaved" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "model.decoder.layers.0.experts.gate_up_proj" in keys
+    assert not [k for k in keys if ".experts.0." in k]
+    again = load(tmp_path / "resaved")
+    assert torch.equal(layers(again)[1][1].experts.down_proj, layers(model)[1][1].experts.down_proj)

@@ -64,19 +64,30 @@ def register_checkpoint_conversion() -> None:
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
-    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+
+    class FuseExpertsOnLoad(WeightConverter):
+        """Load-only. transformers reverts a model's load conversions when it saves, which would rewrite every
+        DiffusionGemma saved in this process (published fused checkpoints included) with per-expert keys.
+        Reversed, this is the identity, so a fused model is saved fused: its native layout."""
+
+        def reverse_transform(self):
+            targets = list(self._original_target_patterns)
+            identity = WeightRenaming(source_patterns=targets, target_patterns=targets)
+            identity.scope_prefix, identity.base_model_prefix = self.scope_prefix, self.base_model_prefix
+            return identity
 
     existing = get_checkpoint_conversion_mapping(MODEL_TYPE) or []
-    if any("experts.*.down_proj.weight" in c.source_patterns for c in existing if isinstance(c, WeightConverter)):
+    if any(type(c).__name__ == FuseExpertsOnLoad.__name__ for c in existing):
         return
     mapping = [
         *existing,
-        WeightConverter(
+        FuseExpertsOnLoad(
             source_patterns=["experts.*.gate_proj.weight", "experts.*.up_proj.weight"],
             target_patterns="experts.gate_up_proj",
             operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
-        WeightConverter(
+        FuseExpertsOnLoad(
             source_patterns="experts.*.down_proj.weight",
             target_patterns="experts.down_proj",
             operations=[MergeModulelist(dim=0)],
