@@ -41,14 +41,13 @@ from loguru import logger
 
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
 from sink_modifier.cli import (
-    CALIBRATION_TEXT,
-    _paired,
-    _seed_everything,
     load_model,
     prune,
     pruned_fraction,
     read_samples,
+    seed_everything,
 )
+from sink_modifier.demo import CALIBRATION_TEXT, paired_difference
 from sink_modifier.evaluation import perplexity
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -105,7 +104,7 @@ def run_cell(kind: str, method: str, sparsity: str, seed: int, args, eval_texts:
     from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
     path = str(bundled_model_path(kind))
-    _seed_everything(seed)
+    seed_everything(seed)
     model, tokenizer = load_model(path, dtype="float32")
     start = time.perf_counter()
     if method != "dense":
@@ -147,7 +146,7 @@ def paired_delta(a: dict, b: dict, stderr: bool = False):
     """Per-token NLL difference a - b (and its standard error over MC samples): paired over MC samples for the
     DLM (same masks), exact for the AR model (stderr 0)."""
     if a["sample_nlls"] and b["sample_nlls"]:
-        d = _paired(*(argparse.Namespace(sample_nlls=r["sample_nlls"]) for r in (a, b)))
+        d = paired_difference(*(argparse.Namespace(sample_nlls=r["sample_nlls"]) for r in (a, b)))
         delta, se = d["nll_per_token"], d["stderr"]
     else:
         delta, se = a["nll_per_token"] - b["nll_per_token"], 0.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import os
@@ -21,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -450,7 +448,7 @@ def _dataset(samples: list[list[int]]):
     return Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * len(s) for s in samples]})
 
 
-def _seed_everything(seed: int | None) -> None:
+def seed_everything(seed: int | None) -> None:
     from transformers import set_seed
 
     set_seed(0 if seed is None else seed)
@@ -554,7 +552,7 @@ def prune(
 def cmd_run(args: argparse.Namespace) -> int:
     output = check_output(args.output, args.overwrite)
     recipe = _load_recipe(args.recipe, args.seed)
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     if args.dataset is not None and not Path(args.dataset).expanduser().exists():
         samples = None  # a dataset name: llm-compressor loads and tokenizes it
@@ -645,7 +643,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise CLIError(f"--dataset {args.dataset}: inspect reads only datasets saved to disk; no such directory")
     dynamics = []
     for name in [args.model] + ([args.compare] if args.compare else []):
-        _seed_everything(args.seed)
+        seed_everything(args.seed)
         model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
         samples = token_samples(args, tokenizer, default_text=_default_text())
         dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed, name=name,
@@ -657,7 +655,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"Sink dynamics of {' vs '.join(d.name for d in dynamics)} "
           f"({dynamics[0].report['num_samples']} samples, {dynamics[0].report['num_states']} states, "
           f"{len(dynamics[0].layers)} layers)")
-    _print_table(_sink_rows(dynamics))
+    print_table(_sink_rows(dynamics))
     print(f"report:      {output / 'report.html'}")
     print(f"sink report: {output / 'sink_report.json'}" + (
         f" and {output / 'sink_report_compare.json'}" if len(dynamics) > 1 else ""))
@@ -681,7 +679,7 @@ def _layer_mean(report: dict, key: str) -> float:
     return sum(values) / len(values)
 
 
-def _print_table(rows: list[list[str]], left: int = 2) -> None:
+def print_table(rows: list[list[str]], left: int = 2) -> None:
     """Aligned columns: the first ``left`` are text (left-aligned), the rest numbers (right-aligned)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
@@ -720,151 +718,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
         return 0
     kind = "ELBO perplexity (upper bound)" if result.num_mc_samples else "perplexity"
-    print(f"{display_name(args.model)}: {kind} {_ppl(result)} over {result.num_tokens} tokens"
+    print(f"{display_name(args.model)}: {kind} {format_perplexity(result)} over {result.num_tokens} tokens"
           + (f", {result.num_mc_samples} MC samples" if result.num_mc_samples else "") + f" ({elapsed:.0f} s)")
     return 0
 
 
-def _ppl(result) -> str:
+def format_perplexity(result) -> str:
     if result.num_mc_samples > 1:
         return f"{result.perplexity:.3f} ± {result.perplexity_stderr:.3f}"
     return f"{result.perplexity:.3f}"
 
 
-# --------------------------------------------------------------------------- demo
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """How much work the demo does; ``QUICK`` is for the test suite."""
-
-    calibration_samples: int = 8
-    max_seq_length: int = 128
-    eval_documents: int | None = 24  # None: the whole bundled evaluation slice
-    num_mc_samples: int = 4
-    pictures: bool = True  # inspect the dense DLM against its AR twin
-
-
-DEMO_FULL = DemoConfig()
-DEMO_QUICK = DemoConfig(calibration_samples=2, max_seq_length=64, eval_documents=6, num_mc_samples=2,
-                        pictures=False)
-CALIBRATION_TEXT = Path(__file__).parent / "assets" / "calibration.txt"
-
-
-def _demo_recipes(model: torch.nn.Module) -> dict[str, list]:
-    """recipes/sink_wanda_unstructured_50.yaml in code, and llm-compressor's Wanda with the same sparsity,
-    structure, targets (the decoder layers) and ignore list, so the sink weighting is the only difference.
-
-    The noise settings are the ``diffusion`` pipeline's defaults (10 levels, seed 0), which is what it uses when
-    the recipe has no sink-aware modifier: both recipes then calibrate on identical noised states.
-    """
-    from llmcompressor.modifiers.pruning import WandaPruningModifier
-    from llmcompressor.utils.pytorch.module import infer_sequential_targets
-
-    from sink_modifier import SinkAwarePruningModifier
-
-    targets = sorted(infer_sequential_targets(model))
-    ignore = ["re:.*lm_head.*", "re:.*embed.*"]
-    return {
-        "wanda": [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=targets, ignore=ignore)],
-        "sink_aware_wanda": [SinkAwarePruningModifier(
-            sparsity=0.5, mask_structure="unstructured", method="wanda", noise_levels=10,
-            sink_threshold_std=2.0, sink_sharpness=5.0, sink_score="raw", sink_scope="global",
-            sink_selection="all", seed=0, targets=targets, ignore=ignore,
-        )],
-    }
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sink_modifier.evaluation import perplexity
+    from sink_modifier.demo import run_demo
 
-    try:
-        from sink_modifier.bundled import bundled_model_path, eval_slice_path
-    except ImportError as error:
-        raise CLIError("the bundled models are not installed (sink_modifier/bundled is missing)") from error
-    config = DEMO_QUICK if args.quick else DEMO_FULL
-    output = check_output(args.output, args.overwrite)
-    dlm = str(bundled_model_path("dlm"))
-    eval_texts = read_samples(Path(eval_slice_path()))[: config.eval_documents]
-    calibration = read_samples(CALIBRATION_TEXT)[: config.calibration_samples]
-    start = time.perf_counter()
-
-    def evaluate(model, tokenizer):
-        return perplexity(model, eval_texts, tokenizer=tokenizer, num_mc_samples=config.num_mc_samples,
-                          seed=args.seed, max_length=config.max_seq_length)
-
-    results, sparsity = {}, {}
-    with staged_directory(output, overwrite=args.overwrite) as staging:
-        _seed_everything(args.seed)
-        model, tokenizer = load_model(dlm, dtype="float32")
-        logger.info(f"Evaluating the dense model on {len(eval_texts)} documents")
-        results["dense"], sparsity["dense"] = evaluate(model, tokenizer), pruned_fraction(model)
-        samples = [tokenizer(t, truncation=True, max_length=config.max_seq_length)["input_ids"]
-                   for t in calibration]
-        for name, recipe in _demo_recipes(model).items():
-            _seed_everything(args.seed)
-            model, tokenizer = load_model(dlm, dtype="float32")
-            # the diffusion pipeline: both modifiers calibrate on the same noised states of the same samples
-            prune(model, tokenizer, samples, recipe, staging / name, overwrite=False, pipeline="diffusion")
-            del model
-            pruned, tokenizer = load_model(str(staging / name), dtype="float32")  # what a user gets back
-            logger.info(f"Evaluating {name}")
-            results[name], sparsity[name] = evaluate(pruned, tokenizer), pruned_fraction(pruned)
-        if config.pictures:
-            dynamics = []
-            for kind in ("dlm", "ar"):
-                model, tokenizer = load_model(str(bundled_model_path(kind)), dtype="float32")
-                dynamics.append(measure_sinks(model, samples[:8], noise_levels=10, seed=0,
-                                              name=f"bundled {kind.upper()}", progress=not args.quiet))
-            write_inspection(dynamics, staging / "sinks")
-        summary = {
-            "model": "bundled dlm", "seed": args.seed, "quick": args.quick, "config": dataclasses.asdict(config),
-            "results": {name: {"sparsity": sparsity[name], **r.to_dict()} for name, r in results.items()},
-        }
-        if config.num_mc_samples > 1:
-            summary["sink_aware_minus_wanda"] = _paired(results["sink_aware_wanda"], results["wanda"])
-            summary["minus_dense"] = {name: _paired(results[name], results["dense"])
-                                      for name in ("wanda", "sink_aware_wanda")}
-        (staging / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    elapsed = time.perf_counter() - start
-    _print_demo(output, results, sparsity, summary, config, elapsed)
-    return 0
-
-
-def _paired(a, b) -> dict:
-    """Mean and standard error of the per-token NLL difference a - b, paired by MC sample (same masks)."""
-    import statistics
-
-    diffs = [x - y for x, y in zip(a.sample_nlls, b.sample_nlls, strict=True)]
-    return {"nll_per_token": statistics.fmean(diffs),
-            "stderr": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"),
-            "num_mc_samples": len(diffs)}
-
-
-def _pm(paired: dict) -> str:
-    return f"{paired['nll_per_token']:+.4f} ± {paired['stderr']:.4f}"
-
-
-def _print_demo(output: Path, results: dict, sparsity: dict, summary: dict, config: DemoConfig,
-                elapsed: float) -> None:
-    labels = {"dense": "dense", "wanda": "Wanda (llm-compressor)", "sink_aware_wanda": "sink-aware Wanda"}
-    rows = [["model", "zeros", "ELBO perplexity", "NLL/token", "NLL - dense (paired)"]]
-    for name, result in results.items():
-        change = "" if name == "dense" else _pm(_paired(result, results["dense"]))
-        rows.append([labels[name], f"{sparsity[name]:.1%}", _ppl(result), f"{result.nll_per_token:.4f}", change])
-    print(f"Bundled DLM, 50% unstructured Wanda, calibrated on {config.calibration_samples} samples x "
-          f"10 noise levels; ELBO on {results['dense'].num_tokens} tokens, "
-          f"{config.num_mc_samples} MC samples ({elapsed:.0f} s)")
-    _print_table(rows, left=1)
-    if "sink_aware_minus_wanda" in summary:
-        print(f"sink-aware minus Wanda: {_pm(summary['sink_aware_minus_wanda'])} nats/token "
-              "(paired over MC samples: every model sees the same masks)")
-    print(f"results:     {output / 'results.json'}")
-    for name in ("wanda", "sink_aware_wanda"):
-        print(f"checkpoint:  {output / name}/  (recipe.yaml inside"
-              + (", sink_report.json)" if name == "sink_aware_wanda" else ")"))
-    if config.pictures:
-        print(f"sink report: {output / 'sinks' / 'report.html'}  (dense DLM vs its AR twin)")
+    return run_demo(args)
 
 
 if __name__ == "__main__":
