@@ -354,8 +354,9 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
     def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
         """Run DiffusionGemma's own ``generate()`` on the sample's prompt and record every decoder step.
 
-        ``blocks`` canvases of up to ``steps`` denoising steps each (the entropy-bound sampler, its
-        temperature schedule and its early stop are the model's; ``temperature`` is for masked DLMs only).
+        ``blocks`` canvases of up to ``steps / blocks`` denoising steps each, as for masked DLMs (the
+        entropy-bound sampler, its temperature schedule and its early stop are the model's; ``temperature`` is
+        for masked DLMs only).
         The global RNG is forked and seeded from the sample, so the trajectory is reproducible.
         """
         prompt = tokens[: max(1, round(prompt_fraction * tokens.numel()))]
@@ -366,7 +367,8 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
         with torch.random.fork_rng(devices=devices), recorder:
             torch.manual_seed(sample_generator(tokens, seed).initial_seed())
             output = model.generate(
-                prompt[None].to(device), max_new_tokens=blocks * self.canvas_length, max_denoising_steps=steps,
+                prompt[None].to(device), max_new_tokens=blocks * self.canvas_length,
+                max_denoising_steps=steps // blocks,
                 disable_compile=True,
             )
         sequence = output.sequences[0].cpu() if hasattr(output, "sequences") else output[0].cpu()

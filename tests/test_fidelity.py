@@ -110,3 +110,28 @@ def test_sink_weights_change_the_masks(dlm_path):
     theirs = WandaPruningModifier(sparsity=0.5, targets=["Gemma3DecoderLayer"])
     a, b = _pruned_weights(dlm_path, [ours]), _pruned_weights(dlm_path, [theirs])
     assert any(not torch.equal(a[n] == 0, b[n] == 0) for n in a)
+
+
+def test_two_dimensional_rows_need_the_all_experts_flag(dlm_path):
+    """Expert Linears see [tokens, d] rows in token order only under llm-compressor's all-experts flag."""
+    from llmcompressor.modeling.moe.context import moe_calibration_context
+
+    model = load_model(dlm_path)
+    linear = model.model.layers[0].mlp.down_proj
+    modifier = SinkAwarePruningModifier(targets=["Gemma3DecoderLayer"])
+    session = active_session()
+    session.reset()
+    session.state.model = model
+    modifier._engine = WandaPruningModifier(sparsity=0.5)
+    modifier._module_names[linear] = "down_proj"
+    r = torch.tensor([[[1.0, 0.5, 0.0, 0.25, 1.0, 0.75]]])
+    modifier.use_trajectory(result=None, scales=StateScales([{None: r}]), adapter=MaskedDiffusionAdapter(MASK_ID))
+    session.state.current_batch_idx = 0
+    rows = torch.randn(6, linear.in_features)
+    with pytest.raises(ValueError, match="moe_calibrate_all_experts=True"):
+        modifier.calibrate_module(linear, (rows,), None)
+    with moe_calibration_context():
+        modifier.calibrate_module(linear, (rows,), None)
+    weighted = (rows * r[0, 0, :, None]).double()
+    torch.testing.assert_close(modifier._engine._row_scalars[linear].double(), (weighted**2).sum(0),
+                               atol=1e-6, rtol=1e-5)
