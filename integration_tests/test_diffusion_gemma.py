@@ -319,3 +319,33 @@ def test_wrong_inputs_are_refused_with_what_to_change(diffusion_gemma_path, dlm_
         adapter_for(model, family="masked")
     with pytest.raises(AdapterError, match="needs a DiffusionGemma model"):
         adapter_for(load_model(dlm_path), family="diffusion_gemma")
+
+
+def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
+    """One decoder forward per state and one encoder forward per canvas; the masses equal a second pass that
+    re-encodes each state's whole prefix (chunked causal prefill is exact)."""
+    from sink_modifier.trajectory import analyse_sample, measure_states
+
+    model = load(diffusion_gemma_path)
+    adapter = DiffusionGemmaAdapter(model)
+    settings = TrajectorySettings(**SAMPLER)
+    tokens = torch.arange(10, 50)  # prompt 20 > sliding window 16
+    calls = {"encoder": 0, "decoder": 0}
+    handles = [getattr(model.model, part).register_forward_hook(
+        lambda *_, part=part: calls.__setitem__(part, calls[part] + 1)) for part in calls]
+    single = run_trajectory(model, adapter, [tokens], settings, progress=False).samples[0]
+    for handle in handles:
+        handle.remove()
+    assert calls["decoder"] == len(single.states) and calls["encoder"] <= 2  # the prompt, then canvas 1
+    states = adapter.sampler_states(model, tokens, steps=6, blocks=2, prompt_fraction=0.5, temperature=0.0,
+                                    seed=0)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(single.states, states, strict=True))
+    with AttentionProbe(model, attention_modules=adapter.attention_modules(model)) as probe:
+        masses = measure_states(model, probe, adapter, states, 1, torch.device("cpu"))
+    expected = analyse_sample(tokens, states, masses, settings)
+    torch.testing.assert_close(single.scores, expected.scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(single.row_scales, expected.row_scales, atol=1e-4, rtol=1e-4)
+    encoder = single.summary.extra["encoder_attention"]
+    expected_encoder = expected.summary.extra["encoder_attention"]
+    assert encoder["sinks"] == expected_encoder["sinks"]
+    assert encoder["spatial_variance"] == pytest.approx(expected_encoder["spatial_variance"], rel=1e-4)

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -76,9 +77,9 @@ class DiffusionAdapter(ABC):
 
     # ---- hooks a family overrides when its forward is not ``model(input_ids=...)`` -----------------
 
-    #: whether ``sampler_states`` makes exactly one full forward per recorded state, on that state's tokens,
-    #: so the trajectory phase can measure attention during sampling instead of in a second forward
-    sampler_forward_is_state: ClassVar[bool] = False
+    #: whether the trajectory phase can measure attention in the sampler's own forwards
+    #: (``measure_while_sampling``) instead of a second forward per state
+    measures_while_sampling: ClassVar[bool] = False
     #: the token streams whose rows a calibration forward feeds through shared weights (None: one stream)
     streams: ClassVar[tuple[str | None, ...]] = (None,)
     current_stream: str | None = None
@@ -125,6 +126,21 @@ class DiffusionAdapter(ABC):
         """A state's row scales [G, T] keyed by stream."""
         return {None: scales}
 
+    def measure_while_sampling(
+        self, model: torch.nn.Module, probe, sample: Callable[[], list[DenoisingState]],
+    ) -> tuple[list[DenoisingState], dict[str | None, torch.Tensor]]:
+        """Run ``sample()`` under the probe and keep each forward's masses: for samplers that make exactly one
+        full forward per recorded state, on that state's tokens."""
+        masses = []
+        handle = model.register_forward_hook(lambda *_: masses.append(probe.pop_masses()))
+        try:
+            states = sample()
+        finally:
+            handle.remove()
+        if len(masses) != len(states):
+            raise RuntimeError(f"the sampler made {len(masses)} forwards for {len(states)} recorded states")
+        return states, {None: torch.cat(masses)}
+
     @torch.no_grad()
     def measure(
         self, model: torch.nn.Module, probe, states: list[DenoisingState], batch_size: int, device: torch.device,
@@ -152,7 +168,7 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
     """
 
     name = "masked"
-    sampler_forward_is_state = True  # LLaDA's sampler: one full forward per step, on the step's input
+    measures_while_sampling = True  # LLaDA's sampler: one full forward per step, on the step's input
 
     def __init__(self, mask_token_id: int):
         self.mask_token_id = int(mask_token_id)

@@ -208,6 +208,7 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
 
     name = "diffusion_gemma"
     streams = (ENCODER, DECODER)
+    measures_while_sampling = True
 
     def __init__(self, model: torch.nn.Module):
         self.canvas_length = int(model.config.canvas_length)
@@ -425,6 +426,59 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
                     mass = records[name][0][0]
                     encoder_mass[index, layer, prefix - mass.numel() : prefix] = mass
         return {DECODER: decoder_mass, ENCODER: encoder_mass}
+
+    @torch.no_grad()
+    def measure_while_sampling(self, model, probe, sample) -> tuple[list, dict[str, torch.Tensor]]:
+        """Measure ``generate()``'s own forwards: each decoder step is one state; the encoder runs once per
+        canvas on the new tokens only, attending to the cached prefix.
+
+        Causal attention makes the chunked prefill exact: a query's probabilities depend only on the keys
+        before it, which the cache holds, so summing every chunk's key masses gives the masses a single
+        prefill of the whole prefix would (what :meth:`measure` records per state), at absolute positions.
+        """
+        decoder_names, encoder_names = self.split_layers(probe.layer_names)
+        encoder_running = torch.zeros(len(encoder_names), 0)
+        prefix = [0]
+        decoder_records: list[list[torch.Tensor]] = []
+        encoder_snapshots: list[torch.Tensor] = []
+
+        def after_encoder(module, args, kwargs, output):
+            nonlocal encoder_running
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            prefix[0] += ids.shape[1]
+            records = probe.pop_records(encoder_names)
+            grown = torch.zeros(len(encoder_names), prefix[0])
+            grown[:, : encoder_running.shape[1]] = encoder_running
+            for layer, name in enumerate(encoder_names):
+                mass = records[name][0][0]
+                grown[layer, prefix[0] - mass.numel() : prefix[0]] += mass
+            encoder_running = grown
+
+        def after_decoder(module, args, kwargs, output):
+            records = probe.pop_records(decoder_names)
+            decoder_records.append([records[name][0][0] for name in decoder_names])
+            encoder_snapshots.append(encoder_running.clone())
+
+        backbone = model.model
+        handles = [backbone.encoder.register_forward_hook(after_encoder, with_kwargs=True),
+                   backbone.decoder.register_forward_hook(after_decoder, with_kwargs=True)]
+        try:
+            states = sample()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(decoder_records) != len(states):
+            raise RuntimeError(f"generate() made {len(decoder_records)} decoder steps for {len(states)} states")
+        length = states[0].input_ids.numel()
+        decoder_mass = torch.zeros(len(states), len(decoder_names), length)
+        encoder_mass = torch.zeros(len(states), len(encoder_names), length)
+        for index, (state, masses, encoder) in enumerate(zip(states, decoder_records, encoder_snapshots,
+                                                              strict=True)):
+            end = state.prefix_length + state.canvas_length
+            for layer, mass in enumerate(masses):
+                decoder_mass[index, layer, end - mass.numel() : end] = mass
+            encoder_mass[index, :, : encoder.shape[1]] = encoder
+        return states, {DECODER: decoder_mass, ENCODER: encoder_mass}
 
     def calibration_batches(self, states: list[BlockDiffusionState]) -> list[dict]:
         return [{k: v.cpu() for k, v in self.model_inputs(s, torch.device("cpu")).items()} for s in states]

@@ -225,11 +225,16 @@ class AttentionProbe:
     def __exit__(self, *exc: object) -> None:
         self._uninstall()
 
-    def pop_records(self) -> dict[str, list[torch.Tensor]]:
-        """Each layer's [B, K] masses since the last pop (any K), after the same strict checks as pop_masses."""
-        records, self._records = self._records, {n: [] for n in self.layer_names}
-        missing = [n for n in self.layer_names if not records[n]]
-        repeated = [n for n in self.layer_names if len(records[n]) > 1]
+    def pop_records(self, names: list[str] | None = None) -> dict[str, list[torch.Tensor]]:
+        """Each layer's [B, K] masses since the last pop (any K), after the same strict checks as pop_masses.
+
+        ``names`` pops only those layers (a forward that runs part of the model, e.g. one of two streams).
+        """
+        names = self.layer_names if names is None else names
+        records = {n: self._records[n] for n in names}
+        self._records.update({n: [] for n in names})
+        missing = [n for n in names if not records[n]]
+        repeated = [n for n in names if len(records[n]) > 1]
         problems = []
         if missing:
             problems.append(f"no attention record from layers {missing}: {_BYPASS_HINT}")
@@ -237,7 +242,7 @@ class AttentionProbe:
             problems.append(f"layers {repeated} recorded more than once since the last pop")
         if problems:
             raise AttentionProbeError("; ".join(problems))
-        return {n: [m.float().cpu() for m in records[n]] for n in self.layer_names}
+        return {n: [m.float().cpu() for m in records[n]] for n in names}
 
     def pop_masses(self) -> torch.Tensor:
         """Float32 [B, L, K] on CPU; strict so a bypassed or repeated layer can't skew the stats."""

@@ -234,25 +234,6 @@ def _states(
                                         seed=settings.seed)
 
 
-def _sampled_and_measured(
-    model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter, tokens: torch.Tensor,
-    settings: TrajectorySettings,
-) -> tuple[list[DenoisingState], dict[str | None, torch.Tensor]]:
-    """Run the sampler under the probe and keep each forward's masses: one forward per state, not two.
-
-    Only for adapters whose sampler makes exactly one full forward per recorded state, on that state's tokens.
-    """
-    masses = []
-    handle = model.register_forward_hook(lambda *_: masses.append(probe.pop_masses()))
-    try:
-        states = _states(model, adapter, tokens, settings)
-    finally:
-        handle.remove()
-    if len(masses) != len(states):
-        raise RuntimeError(f"the sampler made {len(masses)} forwards for {len(states)} recorded states")
-    return states, {None: torch.cat(masses)}
-
-
 @contextlib.contextmanager
 def routed_experts_only() -> Iterator[None]:
     """Turn off llm-compressor's all-experts calibration flag, which oneshot sets for the whole run.
@@ -286,9 +267,9 @@ def run_trajectory(
     try:
         device = _execution_device(model)
         samples = [_checked(tokens) for tokens in samples]
-        single_pass = settings.trajectory == "sampler" and adapter.sampler_forward_is_state
-        # Other samplers run before the probe is installed: their forwards (KV-cached decoding, encoder
-        # prefills) are not one per state, so each recorded state is measured by a forward of its own.
+        single_pass = settings.trajectory == "sampler" and adapter.measures_while_sampling
+        # Other samplers (the autoregressive control's KV-cached decoding) run before the probe is installed,
+        # and each recorded state is measured by a forward of its own.
         with routed_experts_only():
             sample_states = [] if single_pass else [(t, _states(model, adapter, t, settings)) for t in samples]
         attention_modules = adapter.attention_modules(model)
@@ -301,7 +282,8 @@ def run_trajectory(
             for index in tqdm(range(len(samples)), desc="Sink trajectory", disable=not progress, unit="sample"):
                 if single_pass:
                     tokens = samples[index]
-                    states, masses = _sampled_and_measured(model, probe, adapter, tokens, settings)
+                    states, masses = adapter.measure_while_sampling(
+                        model, probe, lambda tokens=tokens: _states(model, adapter, tokens, settings))
                 else:
                     tokens, states = sample_states[index]
                     masses = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
