@@ -349,3 +349,14 @@ def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
     expected_encoder = expected.summary.extra["encoder_attention"]
     assert encoder["sinks"] == expected_encoder["sinks"]
     assert encoder["spatial_variance"] == pytest.approx(expected_encoder["spatial_variance"], rel=1e-4)
+
+
+def test_command_line_refuses_another_pipeline_for_diffusion_gemma(diffusion_gemma_path, tmp_path, capsys):
+    from sink_modifier.cli import main
+
+    text_file = tmp_path / "calib.txt"
+    text_file.write_text("\n".join(TEXTS))
+    code = main(["run", str(diffusion_gemma_path), "--recipe", str(RECIPE), "--text-file", str(text_file),
+                 "--pipeline", "sequential", "--output", str(tmp_path / "out")])
+    assert code != 0 and "--pipeline diffusion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

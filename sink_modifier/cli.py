@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                   seed_help="seed Python, NumPy and torch, and override the seed of the recipe's "
                   "SinkAwarePruningModifiers (default: the recipe's)")
     run.add_argument("--recipe", required=True, type=Path, help="llm-compressor recipe (YAML file)")
-    run.add_argument("--pipeline", default="independent",
+    run.add_argument("--pipeline", default=None,
                      choices=["independent", "sequential", "basic", "diffusion"],
                      help="llm-compressor calibration pipeline; 'diffusion' calibrates every modifier on the "
-                     "denoising states (default: independent)")
+                     "denoising states (default: independent; diffusion for DiffusionGemma, which needs it)")
     run.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="checkpoint directory")
     run.set_defaults(func=cmd_run)
 
@@ -366,14 +366,17 @@ def _model_class(source: str, trust_remote_code: bool):
     return AutoModelForCausalLM
 
 
-def _pipeline_for(model, requested: str) -> str:
-    """DiffusionGemma calibrates only on its recorded denoising states, which the diffusion pipeline feeds."""
+def _pipeline_for(model, requested: str | None) -> str:
+    """The default pipeline is llm-compressor's, except for DiffusionGemma, which calibrates only on its
+    recorded denoising states (the diffusion pipeline); another explicit choice for it is an error."""
     from sink_modifier.diffusion_gemma import is_diffusion_gemma
 
-    if is_diffusion_gemma(model) and requested != "diffusion":
-        logger.info("DiffusionGemma calibrates on its own denoising states: using pipeline 'diffusion'")
-        return "diffusion"
-    return requested
+    if not is_diffusion_gemma(model):
+        return requested or "independent"
+    if requested not in (None, "diffusion"):
+        raise CLIError(f"DiffusionGemma calibrates on its own denoising states: use --pipeline diffusion "
+                       f"(or leave it out), not {requested!r}")
+    return "diffusion"
 
 
 def _parameter_count(model: torch.nn.Module) -> str:

@@ -26,8 +26,10 @@ DiffusionGemma (``transformers.models.diffusion_gemma``) differs from masked DLM
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from loguru import logger
@@ -298,9 +300,6 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
         compressed-tensors lists the modules it left unquantized by name, and each shared module has only its
         decoder name while saving; on reload the encoder's modules are separate and must be ignored too.
         """
-        import json
-        from pathlib import Path
-
         config_path = Path(directory) / "config.json"
         config = json.loads(config_path.read_text())
         quantization = config.get("quantization_config")

@@ -184,8 +184,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         super().on_calibration_start(state, event, **kwargs)
         self._engine._module_names = self._module_names
         self._engine._module_sparsities = self._module_sparsities
-        self._check_in_scope(model, self._module_names)
-        self._map_layer_scope(model)
+        self._map_layer_scope(model)  # scope itself was checked in on_initialize, on the same selection
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
         inp = args[0]
@@ -264,7 +263,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
 
         need = sum(4 * m.weight.shape[1] ** 2 for m in modules)
         device = next(iter(modules)).weight.device
-        if self.offload_hessians or device.type == "cpu":
+        if self.offload_hessians or device.type != "cuda":
             where, have = "CPU memory", psutil.virtual_memory().available
         else:
             where, have = f"free memory on {device}", torch.cuda.mem_get_info(device)[0]

@@ -35,6 +35,19 @@ def build_id_tokenizer(vocab_size: int, mask_token_id: int) -> PreTrainedTokeniz
     )
 
 
+def save_with_list_tied_keys(model, path: Path) -> None:
+    """Save a model whose class declares ``_tied_weights_keys`` as a list (LLaDA's and Dream's remote code).
+
+    The list is shadowed by ``{}`` on this instance only while saving, so the fixture can be written; the
+    class keeps its list, so a loaded model still shows the real failure.
+    """
+    model._tied_weights_keys = {}
+    try:
+        model.save_pretrained(path)
+    finally:
+        del model._tied_weights_keys
+
+
 def save_id_tokenizer(path: Path, vocab_size: int, mask_token_id: int) -> None:
     """Save :func:`build_id_tokenizer` next to a model so ``from_pretrained(path)`` finds it."""
     build_id_tokenizer(vocab_size, mask_token_id).save_pretrained(path)

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
-from . import save_id_tokenizer
+from . import save_id_tokenizer, save_with_list_tied_keys
 
 RoPE = tuple[Tensor, Tensor]
 
@@ -215,19 +215,11 @@ def register_dream() -> None:
 
 
 def build_tiny_dream(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """Build a random tiny Dream and save config, safetensors weights and an id tokenizer to ``path``.
-
-    As for LLaDA, the list ``_tied_weights_keys`` is shadowed by ``{}`` on this instance only while saving.
-    """
+    """Build a random tiny Dream and save config, safetensors weights and an id tokenizer to ``path``."""
     register_dream()
     path = Path(path)
     torch.manual_seed(seed)
     config = DreamConfig(**config_kwargs)
-    model = DreamModel(config).eval()
-    model._tied_weights_keys = {}
-    try:
-        model.save_pretrained(path)
-    finally:
-        del model._tied_weights_keys
+    save_with_list_tied_keys(DreamModel(config).eval(), path)
     save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
     return path

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import save_id_tokenizer
+from . import save_id_tokenizer, save_with_list_tied_keys
 
 
 class LLaDAConfig(PretrainedConfig):
@@ -202,20 +202,11 @@ def register_llada() -> None:
 
 
 def build_tiny_llada(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """Build a random tiny LLaDA and save config, safetensors weights and an id tokenizer to ``path``.
-
-    The list ``_tied_weights_keys`` is shadowed by ``{}`` on this instance only while saving, so the fixture
-    can be written; the class keeps its list, so a loaded model still shows the real failure.
-    """
+    """Build a random tiny LLaDA and save config, safetensors weights and an id tokenizer to ``path``."""
     register_llada()
     path = Path(path)
     torch.manual_seed(seed)
     config = LLaDAConfig(**config_kwargs)
-    model = LLaDAModelLM(config).eval()
-    model._tied_weights_keys = {}
-    try:
-        model.save_pretrained(path)
-    finally:
-        del model._tied_weights_keys
+    save_with_list_tied_keys(LLaDAModelLM(config).eval(), path)
     save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
     return path
