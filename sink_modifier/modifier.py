@@ -30,6 +30,7 @@ from sink_modifier.scales import (
     SampleScales,
     StateScales,
     calibration_rows,
+    same_draw_as_pipeline,
     warn_if_ranks_share_data,
 )
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
@@ -210,6 +211,8 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         self._engine.calibrate_module(module, (weighted, *args[1:]), output)
 
     def compress_modules(self):
+        if isinstance(self._scales, SampleScales):
+            self._scales.verify()
         if is_distributed():
             self._reduce_statistics_across_ranks()
         self._engine.compress_modules()
@@ -236,16 +239,20 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         return self._trajectory.report(self.trajectory_settings(), self._adapter)
 
     def _measure_clean_samples(self, model, dataloader) -> SampleScales:
-        """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales."""
+        """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales.
+
+        Exactly the rows the pipeline is about to calibrate on are measured (``same_draw_as_pipeline``).
+        """
         warn_if_ranks_share_data(dataloader)
-        rows = list(calibration_rows(dataloader))
-        if not rows:
-            raise ValueError("The calibration dataset is empty")
-        if not all(valid.any() for _, valid in rows):
-            raise ValueError("A calibration sample is all padding; remove empty samples from the dataset")
-        layers = dict(match_named_modules(model, self._sequential_targets))
-        result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
-                                self.trajectory_settings(), layers=layers)
+        with same_draw_as_pipeline():
+            rows = list(calibration_rows(dataloader))
+            if not rows:
+                raise ValueError("The calibration dataset is empty")
+            if not all(valid.any() for _, valid in rows):
+                raise ValueError("A calibration sample is all padding; remove empty samples from the dataset")
+            layers = dict(match_named_modules(model, self._sequential_targets))
+            result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
+                                    self.trajectory_settings(), layers=layers)
         scales = SampleScales(pad_token_id=getattr(model.config, "pad_token_id", None))
         for (row, valid), sample in zip(rows, result.samples, strict=True):
             scales.add(row, valid, sample.tokens, sample.mean_row_scales)

@@ -11,11 +11,13 @@ Two sources, one per pipeline:
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
 from loguru import logger
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 
 class CalibrationMismatchError(RuntimeError):
@@ -31,22 +33,23 @@ class SampleScales:
 
     def __init__(self, pad_token_id: int | None = None):
         self.pad_token_id = pad_token_id
-        self._by_row: dict[bytes, torch.Tensor] = {}  # collated row (padding included) -> [G, T]
+        self._by_row: dict[bytes, tuple[int, torch.Tensor]] = {}  # collated row -> (sample, [G, T])
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # unpadded tokens, [G, T]
         self._batches: dict[int, torch.Tensor] = {}
+        self._observed: dict[int, list[int]] = {}  # batch index -> the samples its rows are
 
     def add(self, row: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, scales: torch.Tensor):
         """Register a collated ``row`` whose real tokens (``valid``) are ``tokens`` with ``scales`` [G, T]."""
         placed = torch.zeros(scales.shape[0], row.shape[0], dtype=scales.dtype)
         placed[:, valid] = scales
-        self._by_row[_key(row)] = placed
+        self._by_row[_key(row)] = (len(self._samples), placed)
         self._samples.append((tokens, scales))
 
     def __len__(self) -> int:
         return len(self._samples)
 
-    def lookup(self, row: torch.Tensor) -> torch.Tensor:
-        """Scales [G, T] for a row as the pipeline presents it; padding gets 0."""
+    def lookup(self, row: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(measured sample, scales [G, T]) for a row as the pipeline presents it; padding gets 0."""
         found = self._by_row.get(_key(row))
         if found is not None:
             return found
@@ -59,11 +62,11 @@ class SampleScales:
             while end > start and row[end - 1] == self.pad_token_id:
                 end -= 1
         core = row[start:end].cpu()
-        for tokens, scales in self._samples:
+        for index, (tokens, scales) in enumerate(self._samples):
             if tokens.shape[0] >= core.shape[0] and torch.equal(tokens[: core.shape[0]], core):
                 placed = torch.zeros(scales.shape[0], row.shape[0], dtype=scales.dtype)
                 placed[:, start:end] = scales[:, : core.shape[0]]
-                return placed
+                return index, placed
         raise CalibrationMismatchError(
             f"A calibration row of {row.shape[0]} tokens was not seen by the sink trajectory phase. "
             "Pass the same dataset to oneshot that the trajectory phase used, and do not change the "
@@ -72,7 +75,22 @@ class SampleScales:
 
     def observe(self, batch_idx: int, input_ids: torch.Tensor):
         """Called with each batch's token ids as they enter the model's input embedding."""
-        self._batches[batch_idx] = torch.stack([self.lookup(row) for row in input_ids])
+        found = [self.lookup(row) for row in input_ids]
+        self._observed[batch_idx] = [index for index, _ in found]
+        self._batches[batch_idx] = torch.stack([scales for _, scales in found])
+
+    def verify(self) -> None:
+        """The pipeline calibrated on exactly the measured samples, each once (see ``same_draw_as_pipeline``)."""
+        seen = Counter(index for indices in self._observed.values() for index in indices)
+        if seen != Counter(range(len(self._samples))):
+            missing = len(self._samples) - len(seen)
+            raise CalibrationMismatchError(
+                f"The sink pre-pass measured {len(self._samples)} calibration samples, but the pipeline fed "
+                f"{sum(seen.values())} rows ({missing} measured samples never came, "
+                f"{sum(n - 1 for n in seen.values())} came twice). The pipeline drew its calibration rows "
+                "differently from its dataloader's copy; pass shuffle_calibration_samples=False to oneshot or "
+                "a dataset of exactly num_calibration_samples rows"
+            )
 
     def batch_scales(self, batch_idx: int, stream: str | None = None) -> torch.Tensor:
         try:
@@ -125,20 +143,7 @@ def warn_if_ranks_share_data(dataloader: DataLoader) -> None:
 
 
 def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every row the pipeline may calibrate on, as (collated row, valid mask).
-
-    Modifiers get a deep copy of the pipeline's dataloader, so when llm-compressor draws a random subset
-    (``num_calibration_samples`` smaller than the dataset) the copy would draw a different one; every row of
-    the dataset is then measured, with a warning about the cost.
-    """
-    sampler = getattr(getattr(dataloader, "batch_sampler", None), "sampler", None)
-    if isinstance(sampler, RandomSampler) and sampler.num_samples < len(sampler.data_source):
-        logger.warning(
-            f"llm-compressor draws {sampler.num_samples} of {len(sampler.data_source)} calibration rows at "
-            "random, so sink statistics are computed for all of them. Pass a dataset of exactly "
-            "num_calibration_samples rows, or shuffle_calibration_samples=False, to avoid the extra work."
-        )
-        dataloader = DataLoader(sampler.data_source, batch_size=1, collate_fn=dataloader.collate_fn)
+    """The rows of one pass over ``dataloader``, as (collated row, valid mask)."""
     for batch in dataloader:
         input_ids = batch["input_ids"]
         if input_ids.dim() == 1:
@@ -148,3 +153,21 @@ def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, tor
         mask = mask.reshape(input_ids.shape)
         for row, valid in zip(input_ids, mask, strict=True):
             yield row.cpu(), valid.cpu()
+
+
+@contextlib.contextmanager
+def same_draw_as_pipeline() -> Iterator[None]:
+    """Read a copy of the pipeline's dataloader so that it yields the rows the pipeline will calibrate on.
+
+    Modifiers get a deep copy of the pipeline's dataloader. With ``shuffle_calibration_samples`` (the default)
+    and ``num_calibration_samples`` below the dataset size, llm-compressor 0.14 samples with a
+    ``RandomSampler`` that seeds itself from torch's global RNG each time it is iterated, and its pipelines
+    iterate right after ``calibration_start`` (where this pre-pass runs). Restoring the global RNG state after
+    the pre-pass makes the pipeline's draw the one measured here; ``SampleScales.verify`` checks after the
+    first layer that the rows calibrated on are exactly the rows measured, so a change upstream fails loudly.
+    """
+    state = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)

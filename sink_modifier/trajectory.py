@@ -58,6 +58,11 @@ class TrajectorySettings(BaseModel):
         return self
 
 
+def sample_id(tokens: torch.Tensor) -> str:
+    """A short content hash of a clean sample: names it in the report whatever order it was calibrated in."""
+    return hashlib.blake2b(tokens.to(torch.int64).cpu().numpy().tobytes(), digest_size=8).hexdigest()
+
+
 @dataclass
 class SampleTrajectory:
     """One calibration sample after the trajectory phase (CPU tensors)."""
@@ -80,9 +85,9 @@ class TrajectoryResult:
         """The content of ``sink_report.json`` (over every rank's samples under torch.distributed)."""
         entries = [
             (
-                hashlib.blake2b(s.tokens.numpy().tobytes(), digest_size=8).hexdigest(),
-                {"length": int(s.tokens.numel()), "noise_levels": [st.noise_level for st in s.states],
-                 **s.summary.to_dict()},
+                sample_id(s.tokens),
+                {"id": sample_id(s.tokens), "length": int(s.tokens.numel()),
+                 "noise_levels": [st.noise_level for st in s.states], **s.summary.to_dict()},
                 s.summary,
             )
             for s in self.samples
