@@ -1,10 +1,10 @@
-"""Saving: the sink report travels with the model, and no run leaves a half-written checkpoint.
+"""Saving: the sink report travels with the model, and no save leaves a half-written or mixed checkpoint.
 
 ``oneshot`` saves the model after every modifier has finalized and never tells modifiers where; wrapping the
 model's own ``save_pretrained`` is the one place that sees the output directory, whatever entry point saves.
-The wrapper writes the checkpoint and ``sink_report.json`` into a temporary sibling directory and moves it into
-place only once everything is written, so an exception or Ctrl-C while saving leaves the output directory as
-it was (absent, if it did not exist).
+The wrapper writes the checkpoint and ``sink_report.json`` into a staging directory and publishes it with
+``sink_modifier.publish`` (one swap; the previous checkpoint's files, an old ``sink_report.json`` included, go,
+other files stay), so a crash, an exception or Ctrl-C at any moment leaves the old output or the new one.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from sink_modifier.publish import staged
 
 REPORT_NAME = "sink_report.json"
 
@@ -29,30 +28,6 @@ def write_report(report: dict, directory: str | Path) -> Path:
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
     tmp.replace(path)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Move a complete ``staging`` directory to ``target``.
-
-    A new target is one atomic rename. An existing target keeps its other files; each written file replaces
-    its namesake atomically, config.json last, so a reader never sees new weights with an old config.
-    """
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name == "config.json")
-    for source in files:
-        destination = target / source.relative_to(staging)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, destination)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> None:
@@ -70,11 +45,7 @@ def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> 
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
-        target = Path(save_directory).absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
-        try:
+        with staged(save_directory, existing="merge") as staging:
             adapter = model._sink_adapter
             with adapter.saving(model) if adapter is not None else contextlib.nullcontext():
                 result = original(str(staging), *args, **kwargs)
@@ -82,12 +53,6 @@ def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> 
                 adapter.finish_checkpoint(model, staging)
             if model._sink_report is not None:
                 write_report(model._sink_report, staging)
-            for path in staging.rglob("*"):  # transformers writes weights 0600; a checkpoint is meant to be shared
-                if path.is_file():
-                    path.chmod(0o666 & ~_umask())
-            publish(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return result
 
     model.save_pretrained = save_pretrained
