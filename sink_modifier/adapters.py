@@ -20,10 +20,12 @@ from typing import ClassVar, Literal
 import torch
 from loguru import logger
 
+from sink_modifier.errors import UserError
+
 AdapterName = Literal["auto", "masked", "autoregressive", "diffusion_gemma"]
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """The model cannot be driven the way the recipe asks; the message says what to change."""
 
 

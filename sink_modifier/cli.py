@@ -3,8 +3,10 @@
 A thin front over the library: ``run`` is ``llmcompressor.oneshot`` with a recipe, ``inspect`` is the trajectory
 phase alone plus pictures, ``eval`` is ``sink_modifier.evaluation``, ``demo`` chains them on the bundled small
 DLM. Results go to stdout, logs (loguru, llm-compressor's logger) and progress bars to stderr, so
-``sink-prune ... > result.txt`` keeps only results. Models, datasets and matplotlib are imported inside the
-commands that need them.
+``sink-prune ... > result.txt`` keeps only results. Nothing heavy is imported at module level (the ``sink-prune``
+script loads this module without the package, see ``sink_prune.py``): torch, llm-compressor, models, datasets
+and matplotlib are imported inside the commands that need them, so ``--help`` and ``--version`` answer at once.
+Outputs are published through ``sink_modifier.publish`` (locked, staged, never replacing what it did not write).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +45,15 @@ class CLIError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (Slurm, ``docker stop``, Kubernetes, a closed terminal), raised like Ctrl-C so that the
+    same cleanup runs: the staging directory goes, the output stays as it was."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 # --------------------------------------------------------------------------- argument parsing
 
 
@@ -57,21 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("--quiet", "-q", action="store_true",
-                       help="no progress bars; log warnings and errors only")
+    volume = quiet.add_mutually_exclusive_group()
+    volume.add_argument("--quiet", "-q", action="store_true",
+                        help="print only the final summary, errors and this tool's own warnings")
+    volume.add_argument("--verbose", "-v", action="store_true",
+                        help="also llm-compressor's per-module log lines and per-layer progress bars")
+    quiet.add_argument("--debug", action="store_true", help="show the traceback of an error")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--trust-remote-code", action="store_true",
                        help="allow the model's own Python code from the Hub to run (off by default)")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="dtype to load the weights in (default: the checkpoint's)")
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory that sink-prune wrote (it holds "
+                        ".sink-prune.json); it stays intact until the new result is complete")
 
     run = commands.add_parser(
         "run", parents=[quiet, model, output], help="prune a model with a recipe (llmcompressor.oneshot)",
         description="Prune MODEL with RECIPE through llmcompressor.oneshot and save a checkpoint that "
         "transformers loads, with recipe.yaml and (for sink-aware recipes) sink_report.json. The checkpoint "
-        "is written to a temporary sibling directory and moved into place only when complete.",
+        "is staged and published only when complete; the output is locked while the run lasts.",
     )
     run.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
     _data_options(run, samples=128, length=512, dataset_help="a datasets dataset saved with save_to_disk "
@@ -191,57 +208,133 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else a warning when datasets forks
+    with _signals_as_interrupts():
+        try:
+            return _run(args)
+        except KeyboardInterrupt as stop:
+            if args.debug:
+                raise
+            signum = stop.signum if isinstance(stop, Terminated) else 2
+            print(f"{PROG} {args.command}: {'interrupted' if signum == 2 else 'terminated'}; nothing was "
+                  "published", file=sys.stderr)
+            return 128 + signum
+        except Exception as error:
+            if args.debug:
+                raise
+            if _is_user_error(error):
+                print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            else:
+                print(f"{PROG} {args.command}: error: {type(error).__name__}: {_one_line(error)} (unexpected: "
+                      "rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+            return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with _console(quiet=args.quiet):
-        try:
+    try:
+        with _console(quiet=args.quiet, verbose=args.verbose):
             return int(args.func(args) or 0)
-        except KeyboardInterrupt:
-            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-            return 130
-        except Exception as error:
-            if not _is_user_error(error):
-                raise
-            print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-            return 1
-        finally:
-            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Terminated`` (once: a second one during the cleanup is ignored)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for other in previous:
+            signal.signal(other, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    for signum in previous:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+_USER_ERRNOS = {"EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "ENOTDIR", "EISDIR", "ENOENT", "EEXIST", "EBUSY"}
 
 
 def _is_user_error(error: Exception) -> bool:
-    """Errors whose message tells the user what to change; anything else is a bug and keeps its traceback."""
+    """Errors whose message tells the user what to change; anything else is a bug."""
+    import errno
+
     from pydantic import ValidationError
 
-    from sink_modifier.adapters import AdapterError
+    from sink_modifier.errors import UserError
+    from sink_modifier.publish import OutputError
 
-    return isinstance(error, CLIError | AdapterError | ValidationError | FileNotFoundError)
+    if isinstance(error, OSError) and errno.errorcode.get(error.errno) in _USER_ERRNOS:
+        return True  # permissions, a full disk, a path under a file: the file system says what is wrong
+    return isinstance(error, CLIError | UserError | OutputError | ValidationError | FloatingPointError)
+
+
+def _one_line(error: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or error.title}: {e['msg']}" for e in error.errors())
+        return f"invalid {error.title}: {problems}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --------------------------------------------------------------------------- console: logs and progress bars
 
 
 @contextlib.contextmanager
-def _console(*, quiet: bool) -> Iterator[None]:
-    """Logs to stderr at INFO (WARNING with --quiet), and no progress bars with --quiet; restored on exit.
+def _console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
+    """What the user sees on stderr while a command runs; everything is restored on exit.
 
-    ``LLM_COMPRESSOR_LOG_LEVEL`` still wins, as it does for llm-compressor itself, and its file log is kept.
+    Default: this package's INFO lines, every library's warnings and errors, and one progress bar per phase.
+    ``--quiet``: this package's warnings and everyone's errors, no bars. ``--verbose``: everything,
+    llm-compressor's per-module lines (INFO and METRIC) and per-layer bars included. ``LLM_COMPRESSOR_LOG_LEVEL``
+    still sets the level for all, as it does for llm-compressor itself, and its file log is kept.
     """
+    import logging
+    import warnings
+
+    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+        import llmcompressor  # noqa: F401  (its import logs "No accelerator available!" to stdout)
     from transformers.utils import logging as hf_logging
 
-    level = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
-    _loguru_sinks(lambda: sys.stderr, level)
+    ours, others = ("WARNING", "ERROR") if quiet else ("INFO", "INFO" if verbose else "WARNING")
+    level = os.environ.get("LLM_COMPRESSOR_LOG_LEVEL")
+    if level:
+        ours = others = level.upper()
+    _loguru_sinks(lambda: sys.stderr, ours, others, verbose=verbose)
     hf_verbosity = hf_logging.get_verbosity()
     if quiet:
         hf_logging.set_verbosity_error()
+    torch_logger = logging.getLogger("torch")
+    torch_level = torch_logger.level
+    if not verbose:
+        torch_logger.setLevel(logging.ERROR)  # torch.fx's tracing notice while llm-compressor builds subgraphs
     try:
-        with _progress_bars(enabled=not quiet):
+        with warnings.catch_warnings(), _progress_bars("off" if quiet else "all" if verbose else "phases"):
+            if not verbose:
+                warnings.filterwarnings("ignore")  # libraries' notices; this package logs instead
             yield
     finally:
         _loguru_sinks(lambda: sys.stdout, _llmc_logger().LOGGER_CONFIG.console_log_level)
         hf_logging.set_verbosity(hf_verbosity)
+        torch_logger.setLevel(torch_level)
 
 
 def _llmc_logger():
@@ -251,44 +344,86 @@ def _llmc_logger():
     return importlib.import_module("llmcompressor.logger")
 
 
-def _loguru_sinks(console, level: str | None) -> None:
+# llm-compressor's lines that are noise on a CPU machine or per module: shown only with --verbose
+_NOISE = ("No accelerator available",)
+
+
+def _loguru_sinks(console, level: str | None, others: str | None = None, *, verbose: bool = True) -> None:
     """Replace loguru's sinks: console lines go to ``console()``, looked up per message (so a redirected
     stream, e.g. under pytest, is honoured), in llm-compressor's format; its file log is kept when configured.
+    This package's records need ``level``, everyone else's ``others``.
     """
     llmc = _llmc_logger()
     config = llmc.LOGGER_CONFIG
     logger.remove()
     if level and not config.disabled:
-        logger.add(lambda message: console().write(message), level=level.upper(), format=_LOG_FORMAT,
-                   filter=llmc.support_log_once, colorize=False)
+        mine, theirs = logger.level(level.upper()).no, logger.level((others or level).upper()).no
+
+        def keep(record) -> bool:
+            if (record["name"] or "").startswith("sink_modifier"):
+                wanted = record["level"].no >= mine
+            else:
+                noise = record["level"].name == "METRIC" or record["message"].startswith(_NOISE)
+                wanted = record["level"].no >= theirs and (verbose or not noise)
+            return wanted and llmc.support_log_once(record)
+
+        logger.add(lambda message: console().write(message), level=min(mine, theirs), format=_LOG_FORMAT,
+                   filter=keep, colorize=False)
     if config.log_file or config.log_file_level:
         logger.add(config.log_file or "llmcompressor.log", level=(config.log_file_level or "INFO").upper(),
                    serialize=True, filter=llmc.support_log_once)
 
 
-@contextlib.contextmanager
-def _progress_bars(*, enabled: bool) -> Iterator[None]:
-    """Disable every tqdm bar (ours, llm-compressor's, transformers', datasets') while the command runs.
+# llm-compressor's sequential pipeline draws two bars per layer: "(3/7): Calibrating", "(3/7): Propagating"
+_LAYER_BAR = re.compile(r"^\((\d+)/(\d+)\): (Calibrating|Propagating)")
+_HIDDEN_BARS = ("Compressing model", "Dispatching model")  # instant bookkeeping steps of the save
 
-    They all derive from ``tqdm.std.tqdm``; its ``TQDM_DISABLE`` variable is read at import, too late here.
+
+@contextlib.contextmanager
+def _progress_bars(mode: str) -> Iterator[None]:
+    """``off``: no tqdm bar at all; ``phases``: one bar per phase (llm-compressor's per-layer bars become one
+    "Calibrating layers" bar); ``all``: every bar as its library draws it.
+
+    Every library's bar derives from ``tqdm.std.tqdm``; its ``TQDM_DISABLE`` variable is read at import, too late.
     """
-    if enabled:
+    if mode == "all":
         yield
         return
     from tqdm import std
 
     original = std.tqdm.__init__
+    layers: dict[str, Any] = {"bar": None}
+
+    def finish_layers():
+        bar = layers.pop("bar", None)
+        layers["bar"] = None
+        if bar is not None:
+            bar.n = bar.total
+            bar.close()
 
     @functools.wraps(original)
-    def silent(self, *args, **kwargs):
-        kwargs["disable"] = True
+    def init(self, *args, **kwargs):
+        desc = str(kwargs.get("desc") or (args[1] if len(args) > 1 else "") or "")
+        layer = _LAYER_BAR.match(desc)
+        if mode == "off" or layer or desc.startswith(_HIDDEN_BARS):
+            kwargs["disable"] = True
+        if mode == "phases" and layer:
+            index, total = int(layer.group(1)), int(layer.group(2))
+            if layers["bar"] is None or layers["bar"].total != total:
+                finish_layers()
+                layers["bar"] = std.tqdm(total=total, desc="Calibrating layers", unit="layer", file=sys.stderr)
+            layers["bar"].n = index - 1
+            layers["bar"].refresh()
+        elif mode == "phases" and not desc.startswith(_HIDDEN_BARS) and not kwargs.get("disable"):
+            finish_layers()  # the next phase began
         original(self, *args, **kwargs)
 
-    std.tqdm.__init__ = silent
+    std.tqdm.__init__ = init
     try:
         yield
     finally:
         std.tqdm.__init__ = original
+        finish_layers()
 
 
 # --------------------------------------------------------------------------- models and data
@@ -390,11 +525,18 @@ def read_samples(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise CLIError(f"--text-file {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CLIError(f"--text-file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                       f"{error.start}); convert it, e.g. iconv -t UTF-8") from None
     splitter = _DOCUMENT if _DOCUMENT.search(text) else _PARAGRAPH
     samples = [p.strip() for p in splitter.split(text) if p.strip()]
     if not samples:
         raise CLIError(f"--text-file {path} has no text")
+    if len(samples) == 1 and splitter is _PARAGRAPH and "\n" in samples[0]:
+        logger.warning(f"--text-file {path} has no blank line, so all of it is one sample: samples are "
+                       "separated by blank lines (or by <|endoftext|> lines)")
     return samples
 
 
@@ -416,21 +558,28 @@ def _texts_from_disk(path: Path) -> tuple[list[str] | None, list[list[int]] | No
     raise CLIError(f"--dataset {path} needs an 'input_ids' or a 'text' column; it has {dataset.column_names}")
 
 
-def token_samples(
-    args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, default_text: Path | None = None,
-) -> list[list[int]]:
-    """The first ``--num-samples`` samples of ``--text-file`` / ``--dataset`` (or ``default_text``), tokenized
-    with the model's tokenizer, truncated to ``--max-seq-length``, empty ones dropped."""
-    texts, ids = None, None
+def calibration_source(
+    args: argparse.Namespace, default_text: Path | None = None,
+) -> tuple[list[str] | None, list[list[int]] | None]:
+    """The texts (or token ids) of ``--text-file`` / ``--dataset`` (or ``default_text``), read before any model
+    loads so that a missing or undecodable input fails at once."""
     if args.dataset is not None:
         path = Path(args.dataset).expanduser()
         if not path.exists():
             raise CLIError(f"--dataset {args.dataset}: no such directory")
-        texts, ids = _texts_from_disk(path)
-    elif args.text_file is not None or default_text is not None:
-        texts = read_samples(args.text_file if args.text_file is not None else default_text)
-    else:
-        raise CLIError("no calibration text: pass --text-file FILE or --dataset PATH")
+        return _texts_from_disk(path)
+    if args.text_file is not None or default_text is not None:
+        return read_samples(args.text_file if args.text_file is not None else default_text), None
+    raise CLIError("no calibration text: pass --text-file FILE or --dataset PATH")
+
+
+def token_samples(
+    args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, default_text: Path | None = None,
+    source: tuple[list[str] | None, list[list[int]] | None] | None = None,
+) -> list[list[int]]:
+    """The first ``--num-samples`` samples of ``source`` (``calibration_source``, read now if not given),
+    tokenized with the model's tokenizer, truncated to ``--max-seq-length``, empty ones dropped."""
+    texts, ids = source if source is not None else calibration_source(args, default_text)
     limit = args.num_samples
     if texts is not None:
         texts = [t for t in texts if t.strip()]
@@ -457,63 +606,40 @@ def seed_everything(seed: int | None) -> None:
     set_seed(0 if seed is None else seed)
 
 
-# --------------------------------------------------------------------------- output directories
-
-
-def check_output(output: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory unless --overwrite (checked before any heavy work)."""
-    output = output.expanduser()
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise CLIError(f"--output {output} is not empty; pass --overwrite to replace it")
-    return output
-
-
-@contextlib.contextmanager
-def staged_directory(output: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``output`` to write into; on success it becomes ``output`` by a rename.
-
-    An existing ``output`` (``--overwrite``) is renamed aside first and deleted afterwards. On any error (or
-    Ctrl-C) the temporary directory is removed and ``output`` is left as it was, so a directory at ``output`` is
-    always a complete result.
-    """
-    output = output.expanduser().absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
-    try:
-        yield staging
-        check_output(output, overwrite)  # nothing appeared there while we worked
-        if output.is_dir():
-            previous = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(previous)
-            try:
-                staging.rename(output)
-            except BaseException:
-                previous.rename(output)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- run
 
 
 def _load_recipe(path: Path, seed: int | None):
     """Parse the recipe now (a typo fails before the model loads); --seed overrides sink modifiers' seed."""
+    import yaml
     from llmcompressor.recipe import Recipe
+    from pydantic import ValidationError
 
     from sink_modifier import SinkAwarePruningModifier
 
     if not path.is_file():
         raise CLIError(f"--recipe {path}: no such file")
-    recipe = Recipe.create_instance(str(path))
+    try:
+        path.read_text(encoding="utf-8")
+        recipe = Recipe.create_instance(str(path))
+    except UnicodeDecodeError:
+        raise CLIError(f"--recipe {path} is not a YAML recipe (not UTF-8 text)") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise CLIError(f"--recipe {path} is not valid YAML: {getattr(error, 'problem', None) or error}{where}") \
+            from None
+    except ValidationError:
+        raise
+    except (ValueError, TypeError, AttributeError) as error:
+        unknown = re.search(r"No modifier of type '([^']+)'", str(error))
+        if unknown:
+            raise CLIError(f"--recipe {path}: there is no modifier called {unknown.group(1)!r} (check its "
+                           "spelling; e.g. SinkAwarePruningModifier, WandaPruningModifier, QuantizationModifier)"
+                           ) from None
+        raise CLIError(f"--recipe {path} is not an llm-compressor recipe: {_one_line(error)}") from None
+    if not recipe.modifiers:
+        raise CLIError(f"--recipe {path} defines no modifier; see the recipes/ directory for examples")
     if seed is not None:
         for modifier in recipe.modifiers:
             if isinstance(modifier, SinkAwarePruningModifier):
@@ -522,7 +648,9 @@ def _load_recipe(path: Path, seed: int | None):
 
 
 def pruned_fraction(model: torch.nn.Module) -> float:
-    """Fraction of zeros in the Linear weights outside the LM head (what pruning recipes target)."""
+    """Fraction of zeros in the Linear weights outside the LM head (what pruning recipes target).
+
+    Measure before saving: a quantizing recipe's save packs the weights in place (``weight_packed``)."""
     import torch
 
     head = model.get_output_embeddings()
@@ -534,64 +662,69 @@ def pruned_fraction(model: torch.nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def prune(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[list[int]], recipe: Any,
-    output: Path, *, overwrite: bool, pipeline: str = "independent", max_seq_length: int | None = None,
-) -> Path:
-    """``oneshot`` into a staged directory that replaces ``output`` only when the checkpoint is complete."""
+def calibrate_and_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+                       **oneshot_args: Any) -> float:
+    """``oneshot`` without its own save, the zero fraction measured, then what ``oneshot`` would have saved
+    (compressed checkpoint with recipe.yaml, and the tokenizer) written to ``directory``; returns the fraction."""
     from llmcompressor import oneshot
 
     import sink_modifier  # noqa: F401  (registers the modifier and the diffusion pipeline)
 
-    with staged_directory(output, overwrite=overwrite) as staging:
-        oneshot(
-            model=model, processor=tokenizer, dataset=_dataset(samples), recipe=recipe, pipeline=pipeline,
-            num_calibration_samples=len(samples), max_seq_length=max_seq_length or max(map(len, samples)),
-            output_dir=str(staging),
-        )
-    return output.expanduser()
+    oneshot(model=model, processor=tokenizer, output_dir=None, **oneshot_args)
+    fraction = pruned_fraction(model)
+    model.save_pretrained(str(directory), save_compressed=True)
+    tokenizer.save_pretrained(str(directory))
+    return fraction
+
+
+def prune(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[list[int]], recipe: Any,
+    directory: Path, *, pipeline: str = "independent", max_seq_length: int | None = None,
+) -> float:
+    """``oneshot`` on token samples, saved to ``directory`` (a staging directory: see ``publish.staged``)."""
+    return calibrate_and_save(
+        model, tokenizer, directory, dataset=_dataset(samples), recipe=recipe, pipeline=pipeline,
+        num_calibration_samples=len(samples), max_seq_length=max_seq_length or max(map(len, samples)),
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    output = check_output(args.output, args.overwrite)
+    from sink_modifier.publish import check_output, staged
+
+    # Everything that can fail cheaply fails before the model loads: output, recipe, text, lock.
+    output = check_output(args.output, overwrite=args.overwrite)
     recipe = _load_recipe(args.recipe, args.seed)
-    seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    if args.dataset is not None and not Path(args.dataset).expanduser().exists():
-        samples = None  # a dataset name: llm-compressor loads and tokenizes it
-    else:
-        samples = token_samples(args, tokenizer)
-    start = time.perf_counter()
-    args.pipeline = _pipeline_for(model, args.pipeline)
-    if samples is None:
-        from llmcompressor import oneshot
-
-        import sink_modifier  # noqa: F401
-
-        with staged_directory(output, overwrite=args.overwrite) as staging:
-            oneshot(model=model, processor=tokenizer, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
-                    num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
-                    output_dir=str(staging), trust_remote_code_model=args.trust_remote_code)
-    else:
-        prune(model, tokenizer, samples, recipe, output, overwrite=args.overwrite, pipeline=args.pipeline,
-              max_seq_length=args.max_seq_length)
-    elapsed = time.perf_counter() - start
-    print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {pruned_fraction(model):.1%} of the Linear "
-          "weights outside the LM head are zero")
+    named = args.dataset is not None and not Path(args.dataset).expanduser().exists()
+    source = None if named else calibration_source(args)  # a dataset name: llm-compressor loads it
+    with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
+        seed_everything(args.seed)
+        model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+        start = time.perf_counter()
+        args.pipeline = _pipeline_for(model, args.pipeline)
+        if named:
+            fraction = calibrate_and_save(
+                model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
+                num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
+                trust_remote_code_model=args.trust_remote_code)
+        else:
+            fraction = prune(model, tokenizer, token_samples(args, tokenizer, source=source), recipe, staging,
+                             pipeline=args.pipeline, max_seq_length=args.max_seq_length)
+        elapsed = time.perf_counter() - start
+    print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
+          "the LM head are zero")
     _print_checkpoint(output, loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
     return 0
 
 
-def _print_checkpoint(output: Path, indent: str = "", loader: str | None = None) -> None:
+def _print_checkpoint(output: Path, loader: str | None = None) -> None:
     report = output / "sink_report.json"
-    how = f"{loader}.from_pretrained after `import sink_modifier` (its per-expert keys)" if loader else (
+    how = f"{loader}.from_pretrained after `import sink_modifier`" if loader else (
         "AutoModelForCausalLM.from_pretrained")
-    print(f"{indent}checkpoint:  {output}/  (load with {how})")
-    print(f"{indent}recipe:      {output / 'recipe.yaml'}")
+    print(f"checkpoint:  {output}/  (recipe.yaml inside; load with {how})")
     if report.exists():
-        print(f"{indent}sink report: {report}")
+        print(f"sink report: {report}")
     else:
-        print(f"{indent}sink report: none (the recipe has no SinkAwarePruningModifier)")
+        print("sink report: none (the recipe has no SinkAwarePruningModifier)")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -641,19 +774,22 @@ def _default_text() -> Path | None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    output = check_output(args.output, args.overwrite)
+    from sink_modifier.publish import check_output, staged
+
+    output = check_output(args.output, overwrite=args.overwrite)
     if args.dataset is not None and not Path(args.dataset).expanduser().exists():
         raise CLIError(f"--dataset {args.dataset}: inspect reads only datasets saved to disk; no such directory")
+    source = calibration_source(args, default_text=_default_text())
     dynamics = []
-    for name in [args.model] + ([args.compare] if args.compare else []):
-        seed_everything(args.seed)
-        model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-        samples = token_samples(args, tokenizer, default_text=_default_text())
-        dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed, name=name,
-                                      progress=not args.quiet, trajectory=args.trajectory,
-                                      sampler_steps=args.sampler_steps))
-        del model
-    with staged_directory(output, overwrite=args.overwrite) as staging:
+    with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
+        for name in [args.model] + ([args.compare] if args.compare else []):
+            seed_everything(args.seed)
+            model, tokenizer = load_model(name, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+            samples = token_samples(args, tokenizer, source=source)
+            dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed,
+                                          name=name, progress=not args.quiet, trajectory=args.trajectory,
+                                          sampler_steps=args.sampler_steps))
+            del model
         pictures = write_inspection(dynamics, staging)
     print(f"Sink dynamics of {' vs '.join(d.name for d in dynamics)} "
           f"({dynamics[0].report['num_samples']} samples, {dynamics[0].report['num_states']} states, "

@@ -15,7 +15,6 @@ from loguru import logger
 
 from sink_modifier.cli import (
     CLIError,
-    check_output,
     format_perplexity,
     load_model,
     measure_sinks,
@@ -24,9 +23,9 @@ from sink_modifier.cli import (
     pruned_fraction,
     read_samples,
     seed_everything,
-    staged_directory,
     write_inspection,
 )
+from sink_modifier.publish import check_output, staged
 
 __all__ = ["CALIBRATION_TEXT", "DemoConfig", "paired_difference", "run_demo"]
 
@@ -80,7 +79,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise CLIError("the bundled models are not installed (sink_modifier/bundled is missing)") from error
     config = DEMO_QUICK if args.quick else DEMO_FULL
-    output = check_output(args.output, args.overwrite)
+    output = check_output(args.output, overwrite=args.overwrite)
     dlm = str(bundled_model_path("dlm"))
     eval_texts = read_samples(Path(eval_slice_path()))[: config.eval_documents]
     calibration = read_samples(CALIBRATION_TEXT)[: config.calibration_samples]
@@ -91,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
                           seed=args.seed, max_length=config.max_seq_length)
 
     results, sparsity = {}, {}
-    with staged_directory(output, overwrite=args.overwrite) as staging:
+    with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
         seed_everything(args.seed)
         model, tokenizer = load_model(dlm, dtype="float32")
         logger.info(f"Evaluating the dense model on {len(eval_texts)} documents")
@@ -102,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
             seed_everything(args.seed)
             model, tokenizer = load_model(dlm, dtype="float32")
             # the diffusion pipeline: both modifiers calibrate on the same noised states of the same samples
-            prune(model, tokenizer, samples, recipe, staging / name, overwrite=False, pipeline="diffusion")
+            prune(model, tokenizer, samples, recipe, staging / name, pipeline="diffusion")
             del model
             pruned, tokenizer = load_model(str(staging / name), dtype="float32")  # what a user gets back
             logger.info(f"Evaluating {name}")

@@ -35,6 +35,7 @@ import torch
 from loguru import logger
 
 from sink_modifier.adapters import AdapterError, DenoisingState, DiffusionAdapter, sample_generator
+from sink_modifier.errors import UserError
 
 MODEL_TYPE = "diffusion_gemma"
 ENCODER, DECODER = "encoder", "decoder"
@@ -319,7 +320,7 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
     def check_scope(self, names: list[str]) -> None:
         bad = [n for n in names if any(part in n for part in PROTECTED)]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"The recipe would prune {bad[:3]}{'...' if len(bad) > 3 else ''}: DiffusionGemma's router, "
                 "vision tower, embeddings and LM head are never pruned; add 're:.*router.*' (and the others) "
                 "to ignore"

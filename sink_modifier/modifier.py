@@ -21,10 +21,12 @@ from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
+from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
 from sink_modifier.adapters import AdapterName, DiffusionAdapter, adapter_for
 from sink_modifier.compat import make_saveable
+from sink_modifier.errors import UserError
 from sink_modifier.report import attach_report
 from sink_modifier.scales import (
     SampleScales,
@@ -119,10 +121,17 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         model = state.model
         calib = state.data.calib
         if calib is None or (hasattr(calib, "__len__") and len(calib) == 0):
-            raise ValueError("SinkAwarePruningModifier needs calibration data, and the calibration set is empty")
+            raise UserError("SinkAwarePruningModifier needs calibration data, and the calibration set is empty")
         # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
         make_saveable(model)
         self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
+        if self.adapter == "auto" and self._adapter.name == "autoregressive":
+            logger.warning(
+                f"{type(model).__name__} attends causally: it is an autoregressive model, not a diffusion LM. "
+                "Sink-aware pruning is meant for diffusion LMs (an AR model's sink stays on its first token, "
+                "so the weighting does little); it proceeds with the autoregressive adapter. Set adapter: "
+                "autoregressive to silence this"
+            )
         self._adapter.prepare(model)  # before targets are resolved: it may restructure modules
         if self.targets is None:
             self.targets = self._adapter.layer_targets(model) or sorted(
@@ -130,7 +139,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             )
         super().on_initialize(state, **kwargs)
         if not self._target_layers:
-            raise ValueError(f"targets {self.targets} matched no module of {type(model).__name__}")
+            raise UserError(f"targets {self.targets} matched no module of {type(model).__name__}")
         engine_cls = WandaPruningModifier if self.method == "wanda" else SparseGPTModifier
         extra = (
             {}
@@ -174,7 +183,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         model = state.model
         if self._scales is None:
             if len(self._adapter.streams) > 1:
-                raise ValueError(
+                raise UserError(
                     f"{type(model).__name__} calibrates on its recorded denoising states (encoder prefill and "
                     "decoder canvas steps), which only the diffusion pipeline feeds: pass pipeline='diffusion' "
                     "to oneshot"
@@ -202,7 +211,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             # otherwise their rows are the routed tokens in routing order and cannot be matched.
             weighted = inp.float() * scale.reshape(-1, 1)
         else:
-            raise ValueError(
+            raise UserError(
                 f"{self._module_names[module]} received input {tuple(inp.shape)} that cannot be matched to "
                 f"the {tuple(scale.shape)} tokens of its batch, so its rows cannot be sink-weighted"
                 + (" (MoE experts need oneshot(..., moe_calibrate_all_experts=True), the default)"
@@ -247,9 +256,9 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         with same_draw_as_pipeline():
             rows = list(calibration_rows(dataloader))
             if not rows:
-                raise ValueError("The calibration dataset is empty")
+                raise UserError("The calibration dataset is empty")
             if not all(valid.any() for _, valid in rows):
-                raise ValueError("A calibration sample is all padding; remove empty samples from the dataset")
+                raise UserError("A calibration sample is all padding; remove empty samples from the dataset")
             layers = dict(match_named_modules(model, self._sequential_targets))
             result = run_trajectory(model, self._adapter, [row[valid] for row, valid in rows],
                                     self.trajectory_settings(), layers=layers)
@@ -275,7 +284,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         else:
             where, have = f"free memory on {device}", torch.cuda.mem_get_info(device)[0]
         if need > 0.9 * have:
-            raise ValueError(
+            raise UserError(
                 f"SparseGPT here keeps every target's Hessian until calibration ends: {need / 2**30:.1f} GiB, "
                 f"more than the {have / 2**30:.1f} GiB of {where}. Use method: wanda (row statistics: "
                 f"{sum(4 * m.weight.shape[1] for m in modules) / 2**20:.1f} MiB), set "
@@ -317,7 +326,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         output_embeddings = model.get_output_embeddings()
         for module, name in modules.items():
             if module is output_embeddings or isinstance(module, torch.nn.Embedding):
-                raise ValueError(
+                raise UserError(
                     f"The recipe would prune {name}, the model's LM head or an embedding; narrow targets to "
                     "the decoder layers or add a matching pattern (e.g. 're:.*lm_head.*') to ignore"
                 )
@@ -329,7 +338,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         layers = list(match_named_modules(model, self._adapter.layer_targets(model) or self._sequential_targets))
         attention_layers = len(self._trajectory.layer_names) if self._trajectory else None
         if attention_layers is not None and attention_layers != len(layers):
-            raise ValueError(
+            raise UserError(
                 f"sink_scope 'layer' needs one attention layer per decoder layer; found "
                 f"{attention_layers} attention layers and {len(layers)} decoder layers. Use sink_scope: global"
             )

@@ -19,6 +19,7 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch.utils.data import DataLoader
 
 from sink_modifier.adapters import DiffusionAdapter, adapter_for
+from sink_modifier.errors import UserError
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.report import attach_report
 from sink_modifier.scales import StateScales, calibration_rows, warn_if_ranks_share_data
@@ -44,7 +45,7 @@ def _settings(modifiers: list[SinkAwarePruningModifier]) -> tuple[TrajectorySett
         return TrajectorySettings(), {"family": "auto", "mask_token_id": None}
     settings = [m.trajectory_settings() for m in modifiers]
     if any(s != settings[0] for s in settings):
-        raise ValueError(
+        raise UserError(
             "The diffusion pipeline runs one trajectory for the whole recipe, but its "
             "SinkAwarePruningModifiers ask for different trajectory or sink settings; make them equal"
         )
@@ -57,7 +58,7 @@ class DiffusionPipeline(CalibrationPipeline):
     @staticmethod
     def __call__(model: torch.nn.Module, dataloader: DataLoader, dataset_args):
         if dataloader is None:
-            raise ValueError("The diffusion pipeline needs calibration data: pass a dataset to oneshot")
+            raise UserError("The diffusion pipeline needs calibration data: pass a dataset to oneshot")
         session = active_session()
         modifiers = [
             m for m in session.lifecycle.recipe.modifiers if isinstance(m, SinkAwarePruningModifier)
@@ -72,7 +73,7 @@ class DiffusionPipeline(CalibrationPipeline):
         warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):
-            raise ValueError("The calibration dataset is empty (or all padding)")
+            raise UserError("The calibration dataset is empty (or all padding)")
         targets = infer_sequential_targets(model, dataset_args.sequential_targets)
         layers = dict(match_named_modules(model, targets))
         samples = [row[valid] for row, valid in rows if valid.any()]

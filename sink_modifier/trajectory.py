@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
 from sink_modifier.adapters import DenoisingState, DiffusionAdapter
+from sink_modifier.errors import UserError
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
 
 
@@ -219,7 +220,7 @@ def analyse_sample(
 def _checked(tokens: torch.Tensor) -> torch.Tensor:
     tokens = tokens.to(torch.long).cpu()
     if tokens.numel() < 2:
-        raise ValueError(
+        raise UserError(
             f"A calibration sample has {tokens.numel()} token(s); sink statistics need at least 2 "
             "positions. Remove empty or one-token samples from the dataset"
         )
@@ -296,7 +297,7 @@ def run_trajectory(
     finally:
         model.train(was_training)
     if not result.samples:
-        raise ValueError("The calibration set is empty: the trajectory phase needs at least one sample.")
+        raise UserError("The calibration set is empty: the trajectory phase needs at least one sample.")
     logger.info(
         f"Sink trajectory ({settings.trajectory}): {len(result.samples)} samples, "
         f"{sum(len(sample.states) for sample in result.samples)} states, "

@@ -15,7 +15,8 @@ from llmcompressor.recipe import Recipe
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import MaskedDiffusionAdapter
-from sink_modifier.report import _umask, attach_report
+from sink_modifier.publish import _umask
+from sink_modifier.report import attach_report
 from sink_modifier.toy import MASK_ID
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
