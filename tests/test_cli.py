@@ -18,7 +18,8 @@ from matplotlib.image import imread
 from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXTS, calibration_dataset
-from sink_modifier.cli import CLIError, main, staged_directory, token_samples
+from sink_modifier.cli import CLIError, main, token_samples
+from sink_modifier.publish import MANIFEST, read_manifest
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"
@@ -78,12 +79,17 @@ def test_run_writes_a_complete_checkpoint(capsys, dlm_path, text_file, tmp_path)
     assert "seed: 3" in (output / "recipe.yaml").read_text(), "--seed overrides the recipe's sink seed"
     for name in ("config.json", "model.safetensors", "recipe.yaml", "sink_report.json", "tokenizer.json"):
         assert (output / name).is_file(), name
-    assert f"recipe:      {output / 'recipe.yaml'}" in out and f"sink report: {output / 'sink_report.json'}" in out
-    assert "50.0% of the Linear weights" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"], "a staging directory was left behind"
+    assert set(read_manifest(output)["files"]) == {p.name for p in output.iterdir()} - {MANIFEST}
+    assert f"checkpoint:  {output}/  (recipe.yaml inside" in out
+    assert f"sink report: {output / 'sink_report.json'}" in out
+    assert "50.0% of the Linear weights" in out and len(out.splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"], "a staging directory or lock was left behind"
     # progress bars (with their rates) and INFO logs went to stderr, not into the results
     assert "Sink trajectory" in err and ("it/s" in err or "s/sample" in err)
     assert "INFO" in err and "INFO" not in out
+    assert "Calibrating layers" in err and "(1/3): Calibrating" not in err, "one bar for the layers"
+    assert "METRIC" not in err and "Sparsifying" not in err, "llm-compressor's per-module lines need --verbose"
+    assert ".partial-" not in err, "staging paths stay out of the logs"
 
     model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     weights = [m.weight for name, m in model.named_modules()
@@ -143,24 +149,6 @@ def test_local_path_that_does_not_exist(capsys, tmp_path):
     assert code == 1 and "./no/such/model: no such directory" in err
 
 
-def test_staged_directory_replaces_only_when_complete(tmp_path):
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), staged_directory(output, overwrite=True) as staging:
-        (staging / "half.bin").write_text("partial")
-        raise RuntimeError("killed while saving")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in output.iterdir()] == ["old.txt"]
-    with staged_directory(output, overwrite=True) as staging:
-        (staging / "new.txt").write_text("new")
-    assert [p.name for p in output.iterdir()] == ["new.txt"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    with pytest.raises(CLIError, match="not empty"), staged_directory(output, overwrite=False) as staging:
-        (staging / "other.txt").write_text("x")
-    assert [p.name for p in output.iterdir()] == ["new.txt"]
-
-
 def test_calibration_samples_from_a_saved_dataset(dlm_path, tmp_path):
     from argparse import Namespace
 
@@ -201,7 +189,7 @@ def inspected(dlm_path, ar_path, text_file, tmp_path_factory) -> tuple[Path, str
 def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
     output, out, err = inspected
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        [*PICTURES, "report.html", "sink_report.json", "sink_report_compare.json"])
+        [*PICTURES, "report.html", "sink_report.json", "sink_report_compare.json", MANIFEST])
     dlm = json.loads((output / "sink_report.json").read_text())
     ar = json.loads((output / "sink_report_compare.json").read_text())
     assert (dlm["adapter"], ar["adapter"]) == ("masked", "autoregressive")
@@ -283,7 +271,7 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     output = tmp_path / "demo"
     code, out, err = run_cli(capsys, "demo", "--quick", "--output", output, "--quiet")
     assert code == 0, err
-    assert sorted(p.name for p in output.iterdir()) == ["results.json", "sink_aware_wanda", "wanda"]
+    assert sorted(p.name for p in output.iterdir()) == [MANIFEST, "results.json", "sink_aware_wanda", "wanda"]
     results = json.loads((output / "results.json").read_text())["results"]
     assert list(results) == ["dense", "wanda", "sink_aware_wanda"]
     assert results["dense"]["sparsity"] == 0.0
