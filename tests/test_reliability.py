@@ -15,7 +15,7 @@ from llmcompressor.recipe import Recipe
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.adapters import MaskedDiffusionAdapter
-from sink_modifier.publish import _umask
+from sink_modifier.publish import MANIFEST, _umask, read_manifest
 from sink_modifier.report import attach_report
 from sink_modifier.toy import MASK_ID
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
@@ -74,11 +74,25 @@ def test_existing_directory_keeps_other_files_and_gets_a_complete_checkpoint(dlm
     model.save_pretrained(out)
     assert (out / "notes.txt").read_text() == "mine"
     assert {"model.safetensors", "config.json", "sink_report.json"} <= {p.name for p in out.iterdir()}
+    assert sorted(read_manifest(out)["files"]) == sorted(p.name for p in out.iterdir()
+                                                         if p.name not in ("notes.txt", MANIFEST))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     fresh = tmp_path / "fresh"
     model.save_pretrained(fresh)
     assert fresh.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
     assert (fresh / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+    # A later run without the sink modifier into the same directory: the old report must not survive next to
+    # weights it does not describe (the diffusion pipeline saves through the same staged path).
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    plain = load_model(dlm_path)
+    oneshot(model=plain, dataset=calibration_dataset(dlm_path), pipeline="diffusion", output_dir=str(out),
+            recipe=[WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Gemma3DecoderLayer"],
+                                         ignore=["re:.*lm_head.*"])])
+    assert not (out / "sink_report.json").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "out"]
 
 
 def test_overflowing_attention_is_reported_with_the_layer(dlm_path):
