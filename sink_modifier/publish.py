@@ -85,7 +85,8 @@ def _is_mount_point(path: Path) -> bool:
 
 
 def _internal(name: str) -> bool:
-    return name in (MANIFEST, _INNER_LOCK) or name.startswith(_INNER_STAGING)
+    """Bookkeeping: the manifest, the lock, staging inside the output (``..``: a save into that staging)."""
+    return name in (MANIFEST, _INNER_LOCK) or name.startswith((_INNER_STAGING, "." + _INNER_STAGING))
 
 
 def _entries(directory: Path) -> list[str]:
@@ -209,7 +210,7 @@ def _remove_leftovers(target: Path) -> None:
     places = [(target.parent, f".{target.name}.partial-"), (target.parent, f"..{target.name}.partial-"),
               (target.parent, f".{target.name}.old-")]
     if target.is_dir():
-        places.append((target, _INNER_STAGING))
+        places += [(target, _INNER_STAGING), (target, "." + _INNER_STAGING)]
     for directory, prefix in places:
         with contextlib.suppress(OSError):
             for entry in os.scandir(directory):

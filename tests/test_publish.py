@@ -212,6 +212,9 @@ def test_an_empty_mount_point_is_filled_in_place(tmp_path, monkeypatch):
     try:
         publish_files(target, NEW, existing="refuse")
         assert view(target) == NEW
+        pid = dead_pid()  # a run killed while it saved into its staging directory inside the volume
+        write(target / f"..sink-prune.partial-{pid}-abc.partial-{pid}-def", {"model.safetensors": b"x"})
+        (target / f"..sink-prune.partial-{pid}-abc.lock").write_text(f"{pid}\n")
         publish_files(target, OLD, existing="replace")
         assert view(target) == OLD
         assert sorted(os.listdir(target)) == sorted([MANIFEST, "config.json", "model.safetensors",
