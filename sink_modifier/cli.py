@@ -712,7 +712,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
     print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
           "the LM head are zero")
-    _print_checkpoint(output, loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
+    _print_checkpoint(args.output.expanduser(),  # as the user wrote it (``output`` is absolute)
+                      loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
     return 0
 
 
