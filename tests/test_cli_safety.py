@@ -164,11 +164,11 @@ def test_an_unwritable_location_fails_before_the_model_loads(capsys, dlm_path, t
 # --------------------------------------------------------------------------- 4 and 9. signals, locks, leftovers
 
 
-def start_run(dlm_path, text_file, output: Path) -> tuple[subprocess.Popen, Path]:
+def start_run(dlm_path, text_file, output: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     """A real ``sink-prune run`` process, returned once its staging directory exists (before the model loads)."""
     process = subprocess.Popen(
         [*script(), "run", str(dlm_path), "--recipe", str(RECIPE), "--text-file", str(text_file),
-         "--num-samples", "3", "--threads", "1", "-o", str(output)],
+         "--num-samples", "3", "--threads", "1", "-o", str(output), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 120
@@ -182,10 +182,15 @@ def start_run(dlm_path, text_file, output: Path) -> tuple[subprocess.Popen, Path
 
 
 def test_sigterm_sigkill_and_a_second_run_into_the_same_output(capsys, dlm_path, text_file, tmp_path):
-    """SIGTERM (Slurm, docker stop) cleans up like Ctrl-C; a second run fails at once naming the first; SIGKILL
-    (the OOM killer) leaves staging and lock behind, and the next run removes them and says so."""
+    """SIGTERM (Slurm, docker stop) cleans up like Ctrl-C and leaves the --overwrite target intact; a second run
+    fails at once naming the first; SIGKILL (the OOM killer) leaves staging and lock behind, and the next run
+    removes them and says so."""
+    from sink_modifier.publish import staged
+
     output = tmp_path / "out"
-    first, staging = start_run(dlm_path, text_file, output)
+    with staged(output) as previous:  # an earlier result of sink-prune
+        (previous / "model.safetensors").write_bytes(b"the previous checkpoint")
+    first, staging = start_run(dlm_path, text_file, output, "--overwrite")
     code, _, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, "-o", output,
                            "--overwrite")
     one_line_error(code, err, f"is being written by another sink-prune run (pid {first.pid}")
@@ -193,14 +198,16 @@ def test_sigterm_sigkill_and_a_second_run_into_the_same_output(capsys, dlm_path,
     _, err = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, err
     assert "terminated; nothing was published" in err and "Traceback" not in err
-    assert sorted(os.listdir(tmp_path)) == [], "SIGTERM must remove the staging directory and the lock"
+    assert sorted(os.listdir(tmp_path)) == ["out"], "SIGTERM must remove the staging directory and the lock"
+    assert (output / "model.safetensors").read_bytes() == b"the previous checkpoint"
 
-    second, staging = start_run(dlm_path, text_file, output)
+    second, staging = start_run(dlm_path, text_file, output, "--overwrite")
     second.kill()
     second.communicate(timeout=60)
     assert staging.exists() and (tmp_path / ".out.lock").exists()
+    assert (output / "model.safetensors").read_bytes() == b"the previous checkpoint"
     code, out, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, *SMALL,
-                             "-o", output)
+                             "-o", output, "--overwrite")
     assert code == 0, err
     assert f"Removed the lock of a run that died (pid {second.pid})" in err
     assert f"Removed 1 staging leftover of runs that died, next to {output}: {staging.name}" in err
