@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG} {args.command}: {'interrupted' if signum == 2 else 'terminated'}; nothing was "
                   "published", file=sys.stderr)
             return 128 + signum
+        except BrokenPipeError:  # the reader of stdout went away (``| head``): exit as a killed writer does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except Exception as error:
             if args.debug:
                 raise
