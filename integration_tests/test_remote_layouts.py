@@ -98,3 +98,20 @@ def test_masked_sampler_is_refused_for_dream(tmp_path):
     with pytest.raises(AdapterError, match="shifts logits"):
         adapter.sampler_states(model, torch.arange(1, 21), steps=4, blocks=1, prompt_fraction=0.5,
                                temperature=0.0, seed=0)
+
+
+def test_documented_llada_ignore_pattern(tmp_path):
+    """docs/supported-models.md: with ``targets: [Linear]``, LLaDA's LM head must be ignored by a pattern that
+    matches llm-compressor's module names (which end in a dot: ``model.transformer.ff_out.``)."""
+    path = build_tiny_llada(tmp_path / "llada")
+    anchored = SinkAwarePruningModifier(targets=["Linear"], ignore=[r"re:.*transformer\.ff_out$"], noise_levels=2)
+    with pytest.raises(ValueError, match=r"would prune model\.transformer\.ff_out"):
+        oneshot(model=load_model(path, trust_remote_code=True), dataset=token_dataset(num=2),
+                recipe=[anchored], trust_remote_code_model=True)
+    model = load_model(path, trust_remote_code=True)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    documented = SinkAwarePruningModifier(targets=["Linear"], ignore=[r"re:.*transformer\.ff_out\.?$"],
+                                          noise_levels=2)
+    oneshot(model=model, dataset=token_dataset(num=2), recipe=[documented], trust_remote_code_model=True)
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+    assert (model.model.transformer.blocks[0].ff_out.weight == 0).float().mean() == pytest.approx(0.5, abs=0.02)
