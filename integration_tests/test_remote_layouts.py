@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 
-from sink_modifier import SinkAwarePruningModifier, load_model
+from sink_modifier import SinkAwarePruningModifier, load_model, load_model_and_tokenizer
 from sink_modifier.adapters import AdapterError, adapter_for
 from sink_modifier.cli import main
 from tests.layouts import build_tiny_dream, build_tiny_llada
@@ -88,8 +88,14 @@ def test_cli_run(checkpoint, tmp_path, capsys):
                  "--text-file", str(text), "--output", str(out), "--quiet",
                  *(["--pipeline", "diffusion"] if name == "dream" else [])])
     assert code == 0, capsys.readouterr().err
-    head_before = dict(load_model(path, trust_remote_code=True).named_parameters())[head]
-    check_checkpoint(out, head, blocks, head_before, nm=False)
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=True)
+    head_before = dict(model.named_parameters())[head].detach().clone()
+    reloaded = check_checkpoint(out, head, blocks, head_before, nm=False)
+    # The same run through the Python API, in memory: the CLI's checkpoint is exactly that model.
+    samples = [tokenizer(t)["input_ids"] for t in text.read_text().split("\n\n")]
+    oneshot(model=model, dataset=Dataset.from_dict({"input_ids": samples}), recipe=str(recipe),
+            pipeline="diffusion" if name == "dream" else "independent", trust_remote_code_model=True)
+    assert torch.equal(logits(reloaded), logits(model))
 
 
 def test_masked_sampler_is_refused_for_dream(tmp_path):
