@@ -89,9 +89,10 @@ def diagnose(
             hidden = (output[0] if isinstance(output, tuple | list) else output).float()
             norms = hidden.norm(dim=-1).cpu()
             sinks, valid = current["sinks"][:, _group(index, groups)], current["valid"]
-            for row in range(norms.shape[0]):
+            for row, row_norms in enumerate(norms):
                 if sinks[row].any():
-                    norm_ratios[index].append(float(norms[row][sinks[row]].mean() / norms[row][valid[row]].median()))
+                    ratio = row_norms[sinks[row]].mean() / row_norms[valid[row]].median()
+                    norm_ratios[index].append(float(ratio))
         return hook
 
     def linear_hook(module, args, output):
@@ -115,7 +116,8 @@ def diagnose(
                 current["scales"] = sample.row_scales[start : start + batch_size]
                 current["sinks"] = sample.scores[start : start + batch_size] > 0.5
                 current["valid"] = torch.stack([s.valid for s in batch])
-                backbone(input_ids=torch.stack([s.input_ids for s in batch]).to(device), **no_cache_kwargs(backbone))
+                input_ids = torch.stack([s.input_ids for s in batch]).to(device)
+                backbone(input_ids=input_ids, **no_cache_kwargs(backbone))
     finally:
         for handle in handles:
             handle.remove()

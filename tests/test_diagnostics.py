@@ -75,7 +75,8 @@ def test_bundled_dlm_moves_few_decisions():
     from sink_modifier.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(bundled_model_path("dlm"), dtype="float32")
-    samples = [torch.tensor(tokenizer(t, truncation=True, max_length=96)["input_ids"]) for t in load_eval_slice()[:4]]
+    texts = load_eval_slice()[:4]
+    samples = [torch.tensor(tokenizer(t, truncation=True, max_length=96)["input_ids"]) for t in texts]
     result = run_trajectory(model, adapter_for(model), samples, TrajectorySettings(noise_levels=4), progress=False)
     layers = {f"model.layers.{i}": layer for i, layer in enumerate(model.model.layers)}
     found = diagnose(model, result, layers, sparsity=0.5)
