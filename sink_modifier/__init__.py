@@ -8,10 +8,14 @@
 from llmcompressor.modifiers.factory import ModifierFactory
 
 from sink_modifier.diffusion_gemma import prepare_model, register_checkpoint_conversion
+from sink_modifier.loading import load_model, load_model_and_tokenizer
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.pipeline import DiffusionPipeline
 
-__all__ = ["SinkAwarePruningModifier", "DiffusionPipeline", "prepare_model", "__version__"]
+__all__ = [
+    "SinkAwarePruningModifier", "DiffusionPipeline", "load_model", "load_model_and_tokenizer", "prepare_model",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)

@@ -156,7 +156,8 @@ class DiffusionAdapter(ABC):
             input_ids = torch.stack([s.input_ids for s in batch]).to(device)
             query_mask = self.query_mask(batch)
             probe.query_mask = None if query_mask is None else query_mask.to(device)
-            backbone(input_ids=input_ids, **no_cache)
+            with probe.stopping_after_last_layer():
+                backbone(input_ids=input_ids, **no_cache)
             masses.append(probe.pop_masses())
         probe.query_mask = None
         return {None: torch.cat(masses)}

@@ -280,11 +280,13 @@ def _is_user_error(error: Exception) -> bool:
     from pydantic import ValidationError
 
     from sink_modifier.errors import UserError
+    from sink_modifier.loading import LoadError
     from sink_modifier.publish import OutputError
 
     if isinstance(error, OSError) and errno.errorcode.get(error.errno) in _USER_ERRNOS:
         return True  # permissions, a full disk, a path under a file: the file system says what is wrong
-    return isinstance(error, CLIError | UserError | OutputError | ValidationError | FloatingPointError)
+    return isinstance(error, CLIError | UserError | LoadError | OutputError | ValidationError | FloatingPointError
+                      | FileNotFoundError)
 
 
 def _one_line(error: Exception) -> str:
@@ -432,76 +434,19 @@ def _progress_bars(mode: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- models and data
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def display_name(name: str) -> str:
     """A short model name for titles: the directory name of a local path, the Hub id otherwise."""
     path = Path(name).expanduser()
     return path.resolve().name if path.exists() else name
 
 
-def _offline_miss(error: BaseException) -> bool:
-    """Whether loading failed because the Hub could not be reached and the files are not cached."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, LocalEntryNotFoundError | OfflineModeIsEnabled | ConnectionError):
-            return True
-        if type(error).__name__ in {"ConnectError", "ConnectTimeout"}:  # httpx / requests
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def load_model(
     name: str, *, trust_remote_code: bool = False, dtype: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a local directory or a Hub id, with errors that say what to do."""
-    import torch
-    from transformers import AutoTokenizer
+    """Model and tokenizer through ``sink_modifier.loading`` (repairs, a finite check forward, fast failures)."""
+    from sink_modifier.loading import load_model_and_tokenizer
 
-    path = Path(name).expanduser()
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"{name} is a file; MODEL must be a Hub id or a directory with config.json and weights")
-    if not path.exists() and _looks_like_path(name):
-        raise CLIError(f"{name}: no such directory")
-    hub = not path.exists()
-    source = name if hub else str(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model_class = _model_class(source, trust_remote_code)
-        model = model_class.from_pretrained(
-            source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        if hub and _offline_miss(error):
-            raise CLIError(
-                f"could not load {name} from the Hugging Face Hub: this machine is offline and it is not in "
-                "the local cache; pass a local path (a directory with config.json, the weights and the tokenizer)"
-            ) from error
-        raise CLIError(f"could not load {name}: {error}") from error
-    except ValueError as error:
-        if "trust_remote_code" in str(error):
-            raise CLIError(
-                f"{name} ships its own modeling code; pass --trust-remote-code if you trust it"
-            ) from error
-        raise
-    logger.info(f"Loaded {type(model).__name__} from {source} ({_parameter_count(model)} parameters)")
-    return model, tokenizer
-
-
-def _model_class(source: str, trust_remote_code: bool):
-    """DiffusionGemma is not an ``AutoModelForCausalLM``; every other supported family is."""
-    from transformers import AutoConfig, AutoModelForCausalLM, DiffusionGemmaForBlockDiffusion
-
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if getattr(config, "model_type", None) == "diffusion_gemma":
-        return DiffusionGemmaForBlockDiffusion
-    return AutoModelForCausalLM
+    return load_model_and_tokenizer(name, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
 def _pipeline_for(model, requested: str | None) -> str:
@@ -515,11 +460,6 @@ def _pipeline_for(model, requested: str | None) -> str:
         raise CLIError(f"DiffusionGemma calibrates on its own denoising states: use --pipeline diffusion "
                        f"(or leave it out), not {requested!r}")
     return "diffusion"
-
-
-def _parameter_count(model: torch.nn.Module) -> str:
-    count = sum(p.numel() for p in model.parameters())
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
 
 
 def read_samples(path: Path) -> list[str]:
@@ -683,11 +623,13 @@ def calibrate_and_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 def prune(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[list[int]], recipe: Any,
     directory: Path, *, pipeline: str = "independent", max_seq_length: int | None = None,
+    trust_remote_code: bool = False,
 ) -> float:
     """``oneshot`` on token samples, saved to ``directory`` (a staging directory: see ``publish.staged``)."""
     return calibrate_and_save(
         model, tokenizer, directory, dataset=_dataset(samples), recipe=recipe, pipeline=pipeline,
         num_calibration_samples=len(samples), max_seq_length=max_seq_length or max(map(len, samples)),
+        trust_remote_code_model=trust_remote_code,  # oneshot re-reads the config
     )
 
 
@@ -711,7 +653,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 trust_remote_code_model=args.trust_remote_code)
         else:
             fraction = prune(model, tokenizer, token_samples(args, tokenizer, source=source), recipe, staging,
-                             pipeline=args.pipeline, max_seq_length=args.max_seq_length)
+                             pipeline=args.pipeline, max_seq_length=args.max_seq_length,
+                             trust_remote_code=args.trust_remote_code)
         elapsed = time.perf_counter() - start
     print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
           "the LM head are zero")

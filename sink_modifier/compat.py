@@ -1,13 +1,30 @@
-"""Fixes for remote-code models that would otherwise fail at the very end of a long run.
+"""Repairs for published remote-code DLMs under the transformers versions llm-compressor 0.14 pins (5.15-5.17).
 
-LLaDA's and Dream's published remote code declares ``_tied_weights_keys`` as a list (the transformers 4.x
-convention). transformers 5 expects a mapping and calls ``.keys()`` on it while saving, so ``save_pretrained``
-raises ``AttributeError: 'list' object has no attribute 'keys'`` after calibration and pruning are done. The
-modifier calls :func:`make_saveable` when it initializes, so the problem is fixed (and logged) before any
-calibration time is spent.
+Each function works around one documented behaviour; ``sink_modifier.loading.load_model`` applies them when
+it loads a checkpoint, and the modifier applies :func:`make_saveable` again at initialize for models loaded
+some other way.
+
+* LLaDA's (and MMaDA's, which subclasses it) ``LLaDAModelLM.__init__`` never calls ``post_init()``.
+  transformers 5 sets ``all_tied_weights_keys`` (and more) there, and ``from_pretrained`` reads it, so even an
+  untouched checkpoint fails with ``AttributeError: 'LLaDAModelLM' object has no attribute
+  'all_tied_weights_keys'``. :func:`calls_post_init` completes the construction while the class is loaded.
+* Dream (Qwen2 of transformers 4.46) computes ``rotary_emb.inv_freq`` in ``__init__`` as a non-persistent
+  buffer. transformers 5 builds models on the meta device, then re-creates non-persistent buffers with
+  ``torch.empty_like`` and relies on ``_init_weights`` to fill them; Dream's own ``_init_weights`` does not,
+  so the frequencies are uninitialised memory. :func:`restore_non_persistent_buffers` recomputes every such
+  buffer by running the class's own ``__init__`` with parameters on the meta device (no weight memory).
+* LLaDA and Dream declare ``_tied_weights_keys`` as a list (transformers 4.x); transformers 5 calls ``.keys()``
+  on it while saving, so ``save_pretrained`` fails after calibration and pruning are done
+  (:func:`make_saveable`).
+* Some copies of LLaDA's code pass ``config.init_device`` (``"cuda"``) to every parameter; on a machine
+  without CUDA the model cannot even be built (:func:`cpu_init_device`).
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 from loguru import logger
@@ -35,7 +52,7 @@ def make_saveable(model: torch.nn.Module) -> None:
     """Turn list-style ``_tied_weights_keys`` into the mapping transformers 5 saves with."""
     for name, module in model.named_modules():
         keys = getattr(module, "_tied_weights_keys", None)
-        if isinstance(keys, (list, tuple)):
+        if isinstance(keys, list | tuple):
             mapping = _actually_tied(module, list(keys))
             module._tied_weights_keys = mapping  # instance attribute: the class is left alone
             logger.warning(
@@ -43,3 +60,82 @@ def make_saveable(model: torch.nn.Module) -> None:
                 f"list, which transformers 5 cannot save; using {mapping or '{}'} (the weights that really "
                 "share storage) so the checkpoint can be written"
             )
+
+
+@contextlib.contextmanager
+def calls_post_init(cls: type) -> Iterator[None]:
+    """While active, instances of ``cls`` whose ``__init__`` skipped ``post_init()`` get it called.
+
+    The class is restored on exit, so nothing outlives the load; models that call ``post_init`` themselves
+    are untouched (the check is whether it ran).
+    """
+    own = cls.__dict__.get("__init__")
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # only once construction is complete: not inside a subclass's own __init__ that calls this one
+        if type(self).__init__ is init and not hasattr(self, "all_tied_weights_keys"):
+            logger.info(f"{cls.__name__}.__init__ does not call post_init() (transformers 4.x remote code); "
+                        "calling it so transformers 5 can load the model")
+            self.post_init()
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.__init__
+        else:
+            cls.__init__ = own
+
+
+def cpu_init_device(config) -> None:
+    """Build on the CPU a model whose config asks for CUDA parameters when there is no CUDA device."""
+    device = getattr(config, "init_device", None)
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        logger.info(f"config.init_device is {device!r} and this machine has no CUDA device; building on the CPU "
+                    "(from_pretrained places the loaded weights)")
+        config.init_device = "cpu"
+
+
+def _non_persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
+    for module_name, module in model.named_modules():
+        for buffer_name in module._non_persistent_buffers_set:
+            if getattr(module, buffer_name, None) is not None:
+                yield f"{module_name}.{buffer_name}".lstrip("."), module, buffer_name
+
+
+@torch.no_grad()
+def restore_non_persistent_buffers(model: torch.nn.Module, config) -> list[str]:
+    """Recompute the non-persistent buffers of a loaded remote-code model from its own ``__init__``.
+
+    A skeleton of the same class is built with parameters on the meta device (accelerate's
+    ``init_empty_weights(include_buffers=False)``), so its buffers are computed for real exactly as the
+    published code computes them, at no weight memory. Buffers that differ from the loaded model's are copied
+    over; their names are returned.
+    """
+    from accelerate import init_empty_weights
+
+    buffers = list(_non_persistent_buffers(model))
+    if not buffers:
+        return []
+    cls = type(model)
+    with init_empty_weights(include_buffers=False), calls_post_init(cls):
+        skeleton = cls(config)
+    reference = {name: getattr(module, attr) for name, module, attr in _non_persistent_buffers(skeleton)}
+    repaired = []
+    for name, module, attr in buffers:
+        expected = reference.get(name)
+        current = getattr(module, attr)
+        if expected is None or expected.is_meta or expected.shape != current.shape:
+            continue
+        expected = expected.to(device=current.device, dtype=current.dtype)
+        if not torch.equal(current, expected):
+            current.copy_(expected)
+            repaired.append(name)
+    if repaired:
+        logger.info(f"Recomputed {len(repaired)} non-persistent buffer(s) that transformers left uninitialised "
+                    f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in repaired}))})")
+    return repaired

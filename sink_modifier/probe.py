@@ -7,6 +7,7 @@ real attention call and leaves the model's own output untouched.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -244,6 +245,27 @@ class AttentionProbe:
             raise AttentionProbeError("; ".join(problems))
         return {n: [m.float().cpu() for m in records[n]] for n in names}
 
+    @contextlib.contextmanager
+    def stopping_after_last_layer(self) -> Iterator[None]:
+        """End a measuring forward as soon as the last probed layer has attended.
+
+        A measuring forward only needs attention masses: the layers after the last attention, the final norm
+        and, for models whose backbone computes logits (LLaDA's ``LLaDAModel``), the LM head are skipped. That
+        head is about two decoder layers' worth of compute at LLaDA-8B's vocabulary.
+        """
+        last = self._modules[self.layer_names[-1]]
+
+        def stop(*_):
+            raise _AllLayersMeasured
+
+        handle = last.register_forward_hook(stop)
+        try:
+            yield
+        except _AllLayersMeasured:
+            pass
+        finally:
+            handle.remove()
+
     def pop_masses(self) -> torch.Tensor:
         """Float32 [B, L, K] on CPU; strict so a bypassed or repeated layer can't skew the stats."""
         records = self.pop_records()
@@ -372,6 +394,10 @@ class AttentionProbe:
         )
         self._records[name].append(mass.detach())
         return out, None
+
+
+class _AllLayersMeasured(Exception):
+    """Raised after the last probed layer to end a measuring forward early (never escapes the probe)."""
 
 
 def _restore_configs(saved: list[tuple[Any, Any]]) -> None:

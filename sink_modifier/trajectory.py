@@ -141,10 +141,12 @@ def measure_states(
     for mass, names in zip(masses.values(), layer_names, strict=False):
         if not torch.isfinite(mass).all():
             bad = [names[i] for i in torch.nonzero(~torch.isfinite(mass).all(0).all(-1))[:, 0]]
-            raise FloatingPointError(
-                f"Non-finite attention mass in {bad}: the model overflows in its dtype on these inputs "
-                "(try float32 or bfloat16 instead of float16)."
-            )
+            dtype = next(model.parameters()).dtype
+            hint = ("load it in bfloat16 or float32 instead of float16" if dtype == torch.float16 else
+                    "its weights or buffers may be uninitialised: load it with sink_modifier.load_model, "
+                    "which repairs the known cases and checks one forward")
+            raise FloatingPointError(f"Non-finite attention mass in {bad}: the model ({dtype}) produces "
+                                     f"non-finite values on these inputs; {hint}")
     return masses
 
 

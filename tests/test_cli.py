@@ -138,8 +138,8 @@ def test_offline_hub_id_says_so(tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 1, result.stderr
-    assert ("could not load someone/not-a-cached-model from the Hugging Face Hub: this machine is offline and it "
-            "is not in the local cache; pass a local path") in result.stderr
+    assert ("could not load someone/not-a-cached-model from the Hugging Face Hub: it cannot be reached from this "
+            "machine and the model is not in the local cache; pass a local directory") in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -147,6 +147,9 @@ def test_local_path_that_does_not_exist(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "./no/such/model", "--recipe", RECIPE, "--text-file", __file__,
                            "--output", tmp_path / "out")
     assert code == 1 and "./no/such/model: no such directory" in err
+    code, _, err = run_cli(capsys, "run", "no_such_model", "--recipe", RECIPE, "--text-file", __file__,
+                           "--output", tmp_path / "out")  # a typo, not a Hub id (those are org/name)
+    assert code == 1 and "no_such_model: no such directory" in err
 
 
 def test_calibration_samples_from_a_saved_dataset(dlm_path, tmp_path):

@@ -99,9 +99,10 @@ def test_overflowing_attention_is_reported_with_the_layer(dlm_path):
     model = load_model(dlm_path)
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.weight.fill_(math.inf)
-    with pytest.raises(FloatingPointError, match=r"layers\.1"):
+    with pytest.raises(FloatingPointError, match=r"layers\.1") as info:
         run_trajectory(model, MaskedDiffusionAdapter(MASK_ID), [torch.arange(5, 25)], TrajectorySettings(),
                        progress=False)
+    assert "torch.float32" in str(info.value) and "float16" not in str(info.value).replace("float32", "")
 
 
 def test_overflowing_activation_is_reported_with_the_module(dlm_path):

@@ -1,14 +1,17 @@
 """Stand-ins for remote-code masked diffusion LMs (LLaDA, Dream), laid out like their published code.
 
 Nothing can be downloaded in the test environment, and neither model is native to transformers, so the suite
-needs in-process classes with the same module names, attention route and quirks as the real remote code. The
-stand-ins are registered with the ``Auto*`` classes in-process (no ``trust_remote_code``).
+needs classes with the same module names, attention route and quirks as the real remote code. The builders
+save each stand-in's modeling file next to its weights with an ``auto_map``, as the published checkpoints do:
+loading then needs ``trust_remote_code=True`` and goes through transformers' dynamic-module machinery, so the
+suite fails wherever the published code fails under the pinned transformers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -51,3 +54,47 @@ def save_with_list_tied_keys(model, path: Path) -> None:
 def save_id_tokenizer(path: Path, vocab_size: int, mask_token_id: int) -> None:
     """Save :func:`build_id_tokenizer` next to a model so ``from_pretrained(path)`` finds it."""
     build_id_tokenizer(vocab_size, mask_token_id).save_pretrained(path)
+
+
+def build_tiny_llada(path: Path, seed: int = 0, **config_kwargs) -> Path:
+    """A random tiny LLaDA checkpoint: config, weights, id tokenizer and ``llada.py`` as its remote code."""
+    from .llada import LLaDAConfig, LLaDAModelLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = LLaDAConfig(**config_kwargs)
+    config.register_for_auto_class()
+    LLaDAModelLM.register_for_auto_class("AutoModel")
+    LLaDAModelLM.register_for_auto_class("AutoModelForCausalLM")
+    model = build_llada(config)
+    save_with_list_tied_keys(model, path)
+    config_json = path / "config.json"  # both Auto classes, as LLaDA's published auto_map
+    text = config_json.read_text()
+    config_json.write_text(text.replace('"AutoModelForCausalLM": "llada.LLaDAModelLM"',
+                                        '"AutoModel": "llada.LLaDAModelLM",\n    '
+                                        '"AutoModelForCausalLM": "llada.LLaDAModelLM"'))
+    save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
+    return path
+
+
+def build_llada(config):
+    """The in-memory LLaDA a checkpoint is made from (``post_init`` done by hand: the class never calls it)."""
+    from .llada import LLaDAModelLM
+
+    model = LLaDAModelLM(config)
+    model.post_init()
+    return model.eval()
+
+
+def build_tiny_dream(path: Path, seed: int = 0, **config_kwargs) -> Path:
+    """A random tiny Dream checkpoint: config, weights, id tokenizer and ``dream.py`` (``AutoModel`` only)."""
+    from .dream import DreamConfig, DreamModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = DreamConfig(**config_kwargs)
+    config.register_for_auto_class()
+    DreamModel.register_for_auto_class("AutoModel")
+    save_with_list_tied_keys(DreamModel(config).eval(), path)
+    save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
+    return path

@@ -10,12 +10,16 @@ What it reproduces, because the pruner depends on it:
   prediction for token i+1 (Qwen's AR initialisation), and Dream's sampler realigns them with
   :func:`shift_logits`. A caller that reads Dream's logits directly must shift them itself;
 * ``_tied_weights_keys = ["lm_head.weight"]``, a list as in Dream's code (Qwen2 of transformers 4.46), so
-  ``save_pretrained`` under transformers 5.x fails like LLaDA's (``'list' object has no attribute 'keys'``).
+  ``save_pretrained`` under transformers 5.x fails like LLaDA's (``'list' object has no attribute 'keys'``);
+* ``rotary_emb.inv_freq`` is a non-persistent buffer computed in ``__init__`` and ``_init_weights`` does not
+  know it: transformers 5 builds on the meta device and leaves it uninitialised after ``from_pretrained``;
+* the checkpoint's ``auto_map`` names only ``AutoModel`` (``DreamModel``), not ``AutoModelForCausalLM``.
+
+Self-contained on purpose: the builders in ``tests/layouts/__init__.py`` save this file as the checkpoint's
+remote code, so tests load it with ``trust_remote_code=True`` like the published checkpoint.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,15 +28,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers import initialization as init
 from transformers.modeling_outputs import MaskedLMOutput
 
-from . import save_id_tokenizer, save_with_list_tied_keys
-
 RoPE = tuple[Tensor, Tensor]
 
 
 class DreamConfig(PretrainedConfig):
     """Qwen2-style field names, Dream's mask token (126 here; 151666 in Dream-7B), untied embeddings."""
 
-    model_type = "dream_test"
+    model_type = "Dream"
 
     def __init__(
         self, hidden_size: int = 128, num_attention_heads: int = 4, num_key_value_heads: int = 2,
@@ -208,18 +210,7 @@ class DreamModel(DreamPreTrainedModel):
 
 
 def register_dream() -> None:
-    """Register the stand-in with the Auto classes; safe to call repeatedly."""
+    """Register the stand-in with the Auto classes in-process (no remote code); safe to call repeatedly."""
     AutoConfig.register(DreamConfig.model_type, DreamConfig, exist_ok=True)
     AutoModel.register(DreamConfig, DreamModel, exist_ok=True)
     AutoModelForCausalLM.register(DreamConfig, DreamModel, exist_ok=True)
-
-
-def build_tiny_dream(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """Build a random tiny Dream and save config, safetensors weights and an id tokenizer to ``path``."""
-    register_dream()
-    path = Path(path)
-    torch.manual_seed(seed)
-    config = DreamConfig(**config_kwargs)
-    save_with_list_tied_keys(DreamModel(config).eval(), path)
-    save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
-    return path

@@ -9,12 +9,18 @@ What it reproduces, because the pruner depends on it:
   bidirectional (``is_causal=False``), rotary q/k;
 * logits not shifted (position i predicts the token at position i);
 * ``_tied_weights_keys`` as a list (transformers 4.x style), so ``save_pretrained`` under transformers 5.x
-  fails in ``_get_tied_weight_keys`` with ``AttributeError: 'list' object has no attribute 'keys'``.
+  fails in ``_get_tied_weight_keys`` with ``AttributeError: 'list' object has no attribute 'keys'``;
+* ``LLaDAModelLM.__init__`` never calls ``post_init()``, so under transformers 5 ``from_pretrained`` fails with
+  ``AttributeError: 'LLaDAModelLM' object has no attribute 'all_tied_weights_keys'``;
+* parameters are created with ``device=config.init_device`` (LLaDA's ``init_device``; the copies that pass it
+  through unchanged fail to build on a machine without CUDA when it says ``"cuda"``).
+
+This file is self-contained on purpose: the builders in ``tests/layouts/__init__.py`` save it next to the
+weights as the checkpoint's remote code (``auto_map``), so tests load it with ``trust_remote_code=True``
+exactly like the published checkpoint.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,23 +29,22 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import save_id_tokenizer, save_with_list_tied_keys
-
 
 class LLaDAConfig(PretrainedConfig):
     """LLaDA's OLMo-style field names (``d_model``, ``n_heads``, ...); ``use_cache`` is explicit because
     transformers 5 configs no longer carry it and LLaDA's forward reads it."""
 
-    model_type = "llada_test"
+    model_type = "llada"
 
     def __init__(
         self, d_model: int = 128, n_heads: int = 4, n_kv_heads: int = 2, n_layers: int = 2,
         mlp_hidden_size: int = 256, vocab_size: int = 128, mask_token_id: int = 126, rope_theta: float = 500000.0,
-        rms_norm_eps: float = 1e-5, use_cache: bool = False, **kwargs,
+        rms_norm_eps: float = 1e-5, use_cache: bool = False, init_device: str | None = None, **kwargs,
     ) -> None:
         self.d_model, self.n_heads, self.n_kv_heads, self.n_layers = d_model, n_heads, n_kv_heads, n_layers
         self.mlp_hidden_size, self.vocab_size, self.mask_token_id = mlp_hidden_size, vocab_size, mask_token_id
         self.rope_theta, self.rms_norm_eps, self.use_cache = rope_theta, rms_norm_eps, use_cache
+        self.init_device = init_device
         kwargs.setdefault("pad_token_id", 0)
         kwargs.setdefault("eos_token_id", 1)
         super().__init__(**kwargs)
@@ -48,10 +53,10 @@ class LLaDAConfig(PretrainedConfig):
 class RMSLayerNorm(nn.Module):
     """LLaDA's RMS norm: computed in float32, scaled by a learned weight, no bias."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, device: str | None = None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
@@ -89,16 +94,16 @@ class LLaDALlamaBlock(nn.Module):
     def __init__(self, layer_id: int, config: LLaDAConfig) -> None:
         super().__init__()
         self.layer_id, self.config = layer_id, config
-        head_dim = config.d_model // config.n_heads
-        self.attn_norm = RMSLayerNorm(config.d_model, config.rms_norm_eps)
-        self.ff_norm = RMSLayerNorm(config.d_model, config.rms_norm_eps)
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.k_proj = nn.Linear(config.d_model, head_dim * config.n_kv_heads, bias=False)
-        self.v_proj = nn.Linear(config.d_model, head_dim * config.n_kv_heads, bias=False)
-        self.attn_out = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.ff_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False)
+        head_dim, device = config.d_model // config.n_heads, config.init_device
+        self.attn_norm = RMSLayerNorm(config.d_model, config.rms_norm_eps, device)
+        self.ff_norm = RMSLayerNorm(config.d_model, config.rms_norm_eps, device)
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False, device=device)
+        self.k_proj = nn.Linear(config.d_model, head_dim * config.n_kv_heads, bias=False, device=device)
+        self.v_proj = nn.Linear(config.d_model, head_dim * config.n_kv_heads, bias=False, device=device)
+        self.attn_out = nn.Linear(config.d_model, config.d_model, bias=False, device=device)
+        self.ff_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False, device=device)
+        self.up_proj = nn.Linear(config.d_model, config.mlp_hidden_size, bias=False, device=device)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, config.d_model, bias=False, device=device)
         self.act = nn.SiLU()
         self.rotary_emb = RotaryEmbedding(head_dim, config.rope_theta)
 
@@ -141,12 +146,13 @@ class LLaDAModel(nn.Module):
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
         self.config = config
+        device = config.init_device
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.d_model),
+                wte=nn.Embedding(config.vocab_size, config.d_model, device=device),
                 blocks=nn.ModuleList(LLaDALlamaBlock(i, config) for i in range(config.n_layers)),
-                ln_f=RMSLayerNorm(config.d_model, config.rms_norm_eps),
-                ff_out=nn.Linear(config.d_model, config.vocab_size, bias=False),
+                ln_f=RMSLayerNorm(config.d_model, config.rms_norm_eps, device),
+                ff_out=nn.Linear(config.d_model, config.vocab_size, bias=False, device=device),
             )
         )
 
@@ -168,10 +174,10 @@ class LLaDAModelLM(PreTrainedModel):
     # transformers 4.x style list: transformers 5 expects a {target: source} dict and save_pretrained fails.
     _tied_weights_keys = ["model.transformer.ff_out.weight"]
 
-    def __init__(self, config: LLaDAConfig) -> None:
+    def __init__(self, config: LLaDAConfig, model: LLaDAModel | None = None, init_params: bool = False) -> None:
         super().__init__(config)
-        self.model = LLaDAModel(config)
-        self.post_init()
+        self.model = model if model is not None else LLaDAModel(config)
+        # As published: no self.post_init() here (transformers 4.x did not need it).
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear | nn.Embedding):
@@ -195,18 +201,7 @@ class LLaDAModelLM(PreTrainedModel):
 
 
 def register_llada() -> None:
-    """Register the stand-in with the Auto classes; safe to call repeatedly (and from re-imported copies)."""
+    """Register the stand-in with the Auto classes in-process (no remote code); safe to call repeatedly."""
     AutoConfig.register(LLaDAConfig.model_type, LLaDAConfig, exist_ok=True)
     AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
     AutoModelForCausalLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-
-
-def build_tiny_llada(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """Build a random tiny LLaDA and save config, safetensors weights and an id tokenizer to ``path``."""
-    register_llada()
-    path = Path(path)
-    torch.manual_seed(seed)
-    config = LLaDAConfig(**config_kwargs)
-    save_with_list_tied_keys(LLaDAModelLM(config).eval(), path)
-    save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
-    return path

@@ -9,20 +9,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from tests.layouts.dream import DreamConfig, DreamModel, build_tiny_dream, register_dream, shift_logits
-from tests.layouts.llada import LLaDAConfig, LLaDAModelLM, build_tiny_llada, register_llada
+from sink_modifier.loading import load_model
+from tests.layouts import build_llada, build_tiny_dream, build_tiny_llada
+from tests.layouts.dream import DreamConfig, DreamModel, shift_logits
+from tests.layouts.llada import LLaDAConfig, LLaDAModelLM
 
 LAYOUTS = {
     "llada": dict(
         build=build_tiny_llada, model_cls=LLaDAModelLM, config_cls=LLaDAConfig, block="LLaDALlamaBlock",
+        fresh=lambda: build_llada(LLaDAConfig()),
         head="model.transformer.ff_out",
         linears=["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"],
         block_prefix="model.transformer.blocks",
     ),
     "dream": dict(
         build=build_tiny_dream, model_cls=DreamModel, config_cls=DreamConfig, block="DreamDecoderLayer",
+        fresh=lambda: DreamModel(DreamConfig()).eval(),
         head="lm_head",
         linears=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
@@ -39,9 +43,8 @@ def layout(request, tmp_path_factory):
 
 
 def _load(spec) -> torch.nn.Module:
-    register_llada()
-    register_dream()
-    return AutoModelForCausalLM.from_pretrained(spec["path"]).eval()
+    """As a user loads the published checkpoint: its own code, through the repairing loader."""
+    return load_model(spec["path"], trust_remote_code=True)
 
 
 def _tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
@@ -50,7 +53,8 @@ def _tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
 
 def test_reload_round_trip_and_layout(layout):
     model = _load(layout)
-    assert type(model) is layout["model_cls"]
+    assert type(model).__name__ == layout["model_cls"].__name__
+    assert type(model).__module__.startswith("transformers_modules.")  # the checkpoint's own remote code
     assert model.config._name_or_path == str(layout["path"])
     assert model.config.mask_token_id == 126 < model.config.vocab_size
     names = dict(model.named_modules())
@@ -61,7 +65,7 @@ def test_reload_round_trip_and_layout(layout):
     assert isinstance(names[layout["head"]], torch.nn.Linear)
     assert model.get_input_embeddings().weight.shape == (128, 128)
     torch.manual_seed(0)
-    fresh = layout["model_cls"](layout["config_cls"]())
+    fresh = layout["fresh"]()
     reloaded = model.state_dict()
     assert fresh.state_dict().keys() == reloaded.keys()
     assert all(torch.equal(t, reloaded[k]) for k, t in fresh.state_dict().items())
@@ -116,7 +120,8 @@ def test_dream_logits_are_unshifted_and_sampler_shift_realigns():
 
 def test_save_pretrained_fails_on_list_tied_weights_keys(layout, tmp_path):
     """transformers 5 expects a dict; the published 4.x-style list breaks save_pretrained at the very end."""
-    model = _load(layout)
+    torch.manual_seed(0)
+    model = layout["fresh"]()  # the class as published (the loader would already have repaired the instance)
     assert isinstance(type(model)._tied_weights_keys, list)
     with pytest.raises(AttributeError, match="keys") as info:
         model.save_pretrained(tmp_path / "out")
@@ -140,6 +145,7 @@ def test_llmcompressor_wanda_oneshot(layout):
         sequential_targets=[layout["block"]],
         num_calibration_samples=4,
         max_seq_length=16,
+        trust_remote_code_model=True,  # oneshot re-reads the config from disk
     )
     names = dict(model.named_modules())
     for layer in range(2):
