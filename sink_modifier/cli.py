@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="forward_noise: states per sample (default: 10)")
     inspect.add_argument("--sampler-steps", type=_positive, default=16, metavar="N",
                          help="sampler: denoising steps, one state each (default: 16)")
+    inspect.add_argument("--sparsity", type=float, default=0.5, metavar="S",
+                         help="sparsity of the mask-decision diagnostic (default: 0.5)")
+    inspect.add_argument("--mask-structure", default="unstructured", metavar="N:M",
+                         help="structure of the mask-decision diagnostic: 'unstructured' or N:M such as 2:4")
     inspect.add_argument("--output", "-o", required=True, type=Path, metavar="DIR", help="report directory")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -680,11 +684,16 @@ def _print_checkpoint(output: Path, loader: str | None = None) -> None:
 def measure_sinks(
     model: torch.nn.Module, samples: list[list[int]], *, noise_levels: int, seed: int | None, name: str,
     progress: bool, trajectory: str = "forward_noise", sampler_steps: int = 16,
+    diagnostic: tuple[float, str] | None = None,
 ) -> SinkDynamics:
-    """The trajectory phase alone, with per-layer scores (what the pictures show)."""
+    """The trajectory phase alone, with per-layer scores (what the pictures show); with ``diagnostic``
+    (sparsity, mask structure) the report also says how many Wanda decisions the sink weights move."""
     import torch
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
     from sink_modifier.adapters import adapter_for
+    from sink_modifier.diagnostics import diagnose
     from sink_modifier.plots import SinkDynamics
     from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
@@ -694,6 +703,11 @@ def measure_sinks(
     tensors = [torch.tensor(s, dtype=torch.long) for s in samples]
     result = run_trajectory(model, adapter, tensors, settings, progress=progress)
     report = {"model": name, **result.report(settings, adapter)}
+    if diagnostic is not None and len(adapter.streams) == 1:
+        layers = dict(match_named_modules(model, infer_sequential_targets(model, None)))
+        if len(layers) == len(result.layer_names):  # per-layer sinks weight their own layer's rows
+            report["diagnostic"] = diagnose(model, result, layers, sparsity=diagnostic[0],
+                                            mask_structure=diagnostic[1])
     return SinkDynamics.from_trajectory(display_name(name), result, report)
 
 
@@ -726,6 +740,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     output = check_output(args.output, overwrite=args.overwrite)
     if args.dataset is not None and not Path(args.dataset).expanduser().exists():
         raise CLIError(f"--dataset {args.dataset}: inspect reads only datasets saved to disk; no such directory")
+    if not 0 <= args.sparsity < 1:
+        raise CLIError(f"--sparsity {args.sparsity}: use a value in [0, 1), such as 0.5")
+    structure = _mask_structure(args.mask_structure)
     source = calibration_source(args, default_text=_default_text())
     dynamics = []
     with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
@@ -735,13 +752,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             samples = token_samples(args, tokenizer, source=source)
             dynamics.append(measure_sinks(model, samples, noise_levels=args.noise_levels, seed=args.seed,
                                           name=name, progress=not args.quiet, trajectory=args.trajectory,
-                                          sampler_steps=args.sampler_steps))
+                                          sampler_steps=args.sampler_steps,
+                                          diagnostic=(args.sparsity, structure)))
             del model
         pictures = write_inspection(dynamics, staging)
     print(f"Sink dynamics of {' vs '.join(d.name for d in dynamics)} "
           f"({dynamics[0].report['num_samples']} samples, {dynamics[0].report['num_states']} states, "
           f"{len(dynamics[0].layers)} layers)")
     print_table(_sink_rows(dynamics))
+    for dyn in dynamics:
+        if "diagnostic" in dyn.report:
+            print(f"{dyn.name}: {dyn.report['diagnostic']['verdict']}")
     print(f"report:      {output / 'report.html'}")
     print(f"sink report: {output / 'sink_report.json'}" + (
         f" and {output / 'sink_report_compare.json'}" if len(dynamics) > 1 else ""))
@@ -749,14 +770,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_structure(value: str) -> str:
+    """'unstructured' -> '0:0'; 'N:M' as given; anything else is a one-line usage error."""
+    if value == "unstructured":
+        return "0:0"
+    n, _, m = value.partition(":")
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise CLIError(f"--mask-structure {value!r}: use 'unstructured' or N:M with 0 < N < M, such as 2:4")
+    return value
+
+
 def _sink_rows(dynamics) -> list[list[str]]:
     """Per model: the paper's diagnostics averaged over layers and samples."""
-    rows = [["model", "adapter", "centroid temporal var", "dominant-sink var", "score temporal var"]]
+    rows = [["model", "adapter", "centroid temporal var", "dominant-sink var", "score temporal var",
+             "Wanda decisions moved"]]
     for dyn in dynamics:
         centroid, dominant = (_layer_mean(dyn.report, key) for key in ("centroid_temporal_variance",
                                                                         "dominant_sink_variance"))
+        moved = dyn.report.get("diagnostic", {}).get("moved_decisions")
         rows.append([dyn.name, dyn.adapter, f"{centroid:.3g}", f"{dominant:.3g}",
-                     f"{float(dyn.mean_temporal_variance.mean()):.3g}"])
+                     f"{float(dyn.mean_temporal_variance.mean()):.3g}",
+                     "n/a" if moved is None else f"{moved:.2%}"])
     return rows
 
 

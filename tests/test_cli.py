@@ -211,6 +211,14 @@ def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
     for name in ("report.html", "sink_report.json", "sink_heatmap.png"):
         assert name in out
     assert "masked" in out and "autoregressive" in out
+    # the mask-decision diagnostic: in both reports, one verdict line per model, a column of the table
+    for report in (dlm, ar):
+        diagnostic = report["diagnostic"]
+        assert (diagnostic["sparsity"], diagnostic["mask_structure"]) == (0.5, "0:0")
+        assert [layer["layer"] for layer in diagnostic["layers"]] == ["model.layers.0", "model.layers.1"]
+        assert 0.0 <= diagnostic["moved_decisions"] <= 1.0
+        assert diagnostic["verdict"] in out
+    assert "Wanda decisions moved" in out and f"{dlm['diagnostic']['moved_decisions']:.2%}" in out
 
 
 def test_inspect_sampler_trajectory(capsys, dlm_path, text_file, tmp_path):
