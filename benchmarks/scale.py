@@ -320,15 +320,17 @@ def table(rows: list[dict], args) -> str:
 
 
 def layer_flops(shape: Shape, pipeline: str, samples: int, length: int, states_per_sample: int) -> float:
-    """FLOPs of one layer in one run: a trajectory forward per state, then calibrate and propagate passes
-    over what the pipeline calibrates on (the clean samples, or every state with the diffusion pipeline)."""
+    """FLOPs of one layer in one run: a trajectory forward per state, then what the pipeline calibrates on (the
+    clean samples, or every state with the diffusion pipeline): a calibrate and a propagate pass through
+    llm-compressor's sequential pipeline, one pass through the basic pipeline (DiffusionGemma), where every
+    expert sees every token."""
     tokens = samples * length
     states = tokens * states_per_sample
     calibrated = states if pipeline == "diffusion" else tokens
-    total = flops(shape, states, length) + 2 * flops(shape, calibrated, length)
-    if shape.experts:  # every expert sees every token while calibrating
-        total += 2 * calibrated * 2 * 3 * shape.d * shape.expert_width * (shape.experts - shape.top_k)
-    return total
+    if not shape.experts:
+        return flops(shape, states, length) + 2 * flops(shape, calibrated, length)
+    all_experts = 2 * 3 * shape.d * shape.expert_width * (shape.experts - shape.top_k)
+    return flops(shape, states, length) + flops(shape, calibrated, length) + calibrated * all_experts
 
 
 def extrapolation(rows: list[dict], args) -> str:
@@ -376,6 +378,8 @@ def main() -> int:
                         help="checkpoints and results.json; cells already there are not run again (default: a "
                         "new temporary directory)")
     parser.add_argument("--no-docs", action="store_true", help="print only; do not rewrite docs/memory.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: render the cells already in --workdir's results.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--build", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -393,8 +397,16 @@ def main() -> int:
     args.pipelines = args.pipelines.split(",")
     if args.quick:
         args.layers, args.samples, args.length, args.canvas, args.dg_samples = [1], 2, 64, 16, 1
-    rows = run_grid(args)
-    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    if args.report_only:
+        if not args.workdir or not (Path(args.workdir) / "results.json").exists():
+            raise SystemExit("--report-only needs --workdir DIR with a results.json from earlier runs")
+        rows = sorted(json.loads((Path(args.workdir) / "results.json").read_text()).values(),
+                      key=lambda r: (list(SHAPES).index(r["family"]), r["pipeline"], r["layers"]))
+        command = ("python benchmarks/scale.py --workdir DIR --models MODEL --layers N --pipelines PIPELINE, "
+                   "one invocation per row below (cells accumulate in DIR), then `--report-only`")
+    else:
+        rows = run_grid(args)
+        command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     text = (f"Measured with `{command.strip()}` on {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {__import__('torch').__version__}, {args.threads} threads; "
             f"{time.strftime('%Y-%m-%d')}. Random bf16 weights; calibration as the command says "
