@@ -86,6 +86,9 @@ class DiffusionLM(TemplateLM):
             raise UnsupportedModel("diffusion_lm needs tokenizer= when pretrained is a model object")
         if device is None and loaded_here:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            logger.warning(f"diffusion_lm: device {device} is not available; using cpu")  # lm-eval's default
+            device = "cpu"
         if device is not None:
             pretrained = pretrained.to(device)
         self.model, self.tokenizer = pretrained, tokenizer
