@@ -77,6 +77,8 @@ class DiffusionLM(TemplateLM):
         gen_block_length: int = 32, mask_token_id: int | None = None, max_batch_size: int | None = None,
     ):
         super().__init__()
+        if int(mc_samples) < 1:
+            raise UnsupportedModel(f"mc_samples must be at least 1, got {mc_samples}")
         loaded_here = isinstance(pretrained, str)
         if loaded_here:
             from sink_modifier.cli import load_model
@@ -94,8 +96,6 @@ class DiffusionLM(TemplateLM):
         self.model, self.tokenizer = pretrained, tokenizer
         self._device = next(self.model.parameters()).device
         self.mc_samples, self.seed = int(mc_samples), int(seed)
-        if self.mc_samples < 1:
-            raise UnsupportedModel(f"mc_samples must be at least 1, got {mc_samples}")
         self.batch_size = self._batch_size(batch_size)
         self.max_gen_toks, self.gen_steps = int(max_gen_toks), gen_steps
         self.gen_block_length = int(gen_block_length)
@@ -284,7 +284,7 @@ class DiffusionLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             length = int(options.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(options.get("temperature", 0.0)) if options.get("do_sample") else 0.0
-            prompt = self._fit(self.tok_encode(context), [], length)
+            prompt = self._fit(self.tok_encode(context), [], self._canvas(length))
             jobs.append((prompt, length, temperature, until))
         outputs: list[str] = [""] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -304,6 +304,16 @@ class DiffusionLM(TemplateLM):
                     bar.update(len(batch))
         return outputs
 
+    def _canvas(self, length: int) -> int:
+        """How many tokens the sampler writes for ``length`` (whole blocks or canvases)."""
+        if self.family == "masked":
+            block = min(self.gen_block_length, length)
+            return math.ceil(length / block) * block
+        if self.family == "diffusion_gemma":
+            canvas = int(self.model.config.canvas_length)
+            return math.ceil(length / canvas) * canvas
+        return length
+
     def _stop(self, answer: torch.Tensor, until: list[str]) -> str:
         ids = answer.tolist()
         stops = {self.eot_token_id} | ({self.tokenizer.eos_token_id} - {None})
@@ -317,10 +327,10 @@ class DiffusionLM(TemplateLM):
     def _generate_masked(self, prompts: torch.Tensor, length: int, temperature: float) -> list[torch.Tensor]:
         from sink_modifier.sampling import masked_diffusion_sample
 
-        block = min(self.gen_block_length, length)
-        blocks = math.ceil(length / block)
-        steps = max(blocks, (self.gen_steps or blocks * block) // blocks * blocks)
-        tokens = masked_diffusion_sample(self.model, prompts, answer_length=blocks * block, steps=steps,
+        answer = self._canvas(length)
+        blocks = answer // min(self.gen_block_length, length)
+        steps = max(blocks, (self.gen_steps or answer) // blocks * blocks)
+        tokens = masked_diffusion_sample(self.model, prompts, answer_length=answer, steps=steps,
                                          num_blocks=blocks, mask_token_id=self.mask_token_id,
                                          temperature=temperature, seed=self.seed).tokens
         return list(tokens[:, prompts.shape[1]:])
@@ -339,9 +349,8 @@ class DiffusionLM(TemplateLM):
         return list(sequences[:, prompts.shape[1]:].cpu())
 
     def _generate_diffusion_gemma(self, prompts: torch.Tensor, length: int, temperature: float) -> list:
-        canvas = int(self.model.config.canvas_length)
-        output = self._seeded(lambda: self.model.generate(
-            prompts.to(self._device), max_new_tokens=math.ceil(length / canvas) * canvas))
+        output = self._seeded(lambda: self.model.generate(prompts.to(self._device),
+                                                          max_new_tokens=self._canvas(length)))
         sequences = output.sequences if hasattr(output, "sequences") else output
         return list(sequences[:, prompts.shape[1]:].cpu())
 

@@ -179,3 +179,11 @@ def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "|bundled_cloze|" in done.stdout and "diffusion_lm" in done.stdout
+
+
+def test_diffusion_gemma_generates_through_its_own_generate(diffusion_gemma_path) -> None:
+    lm = DiffusionLM(*load_model(str(diffusion_gemma_path), dtype="float32"))
+    assert lm.family == "diffusion_gemma"
+    request = _request("abc", {"until": [], "max_gen_toks": 5})
+    [text] = lm.generate_until([request], disable_tqdm=True)
+    assert isinstance(text, str) and lm.generate_until([request], disable_tqdm=True) == [text]  # seeded
