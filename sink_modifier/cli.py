@@ -130,10 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     evaluate = commands.add_parser(
-        "eval", parents=[quiet, model], help="perplexity: masked-diffusion ELBO (DLM) or exact (AR)",
+        "eval", parents=[quiet, model],
+        help="perplexity: masked-diffusion ELBO (DLM) or exact (AR); lm-eval tasks with --tasks",
         description="Perplexity of MODEL on a text: the Monte-Carlo masked-diffusion ELBO bound for a DLM "
         "(with its standard error over MC samples), the exact next-token perplexity for an AR model. "
-        "Without --text-file or --dataset, the evaluation slice shipped with the bundled model is used.",
+        "Without --text-file or --dataset, the evaluation slice shipped with the bundled model is used. "
+        "With --tasks, lm-evaluation-harness tasks scored with the masked-diffusion likelihood instead "
+        "(the diffusion_lm model; needs the eval extra; see docs/evaluation.md).",
     )
     evaluate.add_argument("model", metavar="MODEL", help="Hugging Face Hub id or local directory")
     _data_options(evaluate, samples=None, length=128, dataset_help=_DISK_DATASET, default_text=True,
@@ -142,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-mc-samples", type=_positive, default=16, metavar="N",
                           help="Monte-Carlo samples of the ELBO (DLMs only; default: 16)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    tasks = evaluate.add_argument_group("lm-evaluation-harness tasks (pip install 'sink-aware-pruning[eval]')")
+    tasks.add_argument("--tasks", metavar="A,B,...",
+                       help="lm-eval task names, e.g. bundled_cloze (shipped, offline) or arc_challenge,piqa")
+    tasks.add_argument("--include-path", action="append", type=Path, default=[], metavar="DIR",
+                       help="a directory of task YAMLs (repeatable)")
+    tasks.add_argument("--limit", type=float, metavar="N", help="examples per task (a fraction if below 1)")
+    tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
+    tasks.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="forwards per batch (16)")
+    tasks.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
     evaluate.set_defaults(func=cmd_eval)
 
     demo = commands.add_parser(
@@ -816,6 +828,8 @@ def print_table(rows: list[list[str]], left: int = 2) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sink_modifier.evaluation import perplexity
 
+    if args.tasks:
+        return _eval_tasks(args)
     if args.dataset is not None and not Path(args.dataset).expanduser().exists():
         raise CLIError(f"--dataset {args.dataset}: eval reads only datasets saved to disk; no such directory")
     default = _default_text()
@@ -840,6 +854,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     kind = "ELBO perplexity (upper bound)" if result.num_mc_samples else "perplexity"
     print(f"{display_name(args.model)}: {kind} {format_perplexity(result)} over {result.num_tokens} tokens"
           + (f", {result.num_mc_samples} MC samples" if result.num_mc_samples else "") + f" ({elapsed:.0f} s)")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """``--tasks``: lm-eval's simple_evaluate with the diffusion_lm model, printed as lm-eval prints it."""
+    if args.text_file is not None or args.dataset is not None or args.num_samples:
+        raise CLIError("--tasks takes its data from the tasks; drop --text-file, --dataset and --num-samples")
+    try:
+        from lm_eval.utils import make_table
+
+        from sink_modifier.harness import DiffusionLM, UnsupportedModel, evaluate_tasks
+    except ImportError as error:
+        raise CLIError(f"--tasks needs lm-evaluation-harness ({error}): "
+                       "pip install 'sink-aware-pruning[eval]'") from error
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    model_args = {"mc_samples": args.num_mc_samples, "batch_size": args.batch_size,
+                  "seed": 0 if args.seed is None else args.seed}
+    try:
+        lm = DiffusionLM(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                         device=args.device, **model_args)
+        results = evaluate_tasks(lm, tasks, include_path=args.include_path, limit=limit,
+                                 num_fewshot=args.num_fewshot)
+    except (UnsupportedModel, KeyError) as error:
+        raise CLIError(str(error).strip("'\"")) from error
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results["results"]}, indent=2, default=str))
+        return 0
+    print(f"diffusion_lm ({display_name(args.model)}, {lm.family}, "
+          + ", ".join(f"{k}={v}" for k, v in model_args.items())
+          + f"), limit: {limit}, num_fewshot: {args.num_fewshot}")
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
     return 0
 
 

@@ -39,11 +39,12 @@ class DemoConfig:
     eval_documents: int | None = 24  # None: the whole bundled evaluation slice
     num_mc_samples: int = 4
     pictures: bool = True  # inspect the dense DLM against its AR twin
+    cloze_items: int = 32  # bundled_cloze items scored through lm-eval (when installed)
 
 
 DEMO_FULL = DemoConfig()
 DEMO_QUICK = DemoConfig(calibration_samples=2, max_seq_length=64, eval_documents=6, num_mc_samples=2,
-                        pictures=False)
+                        pictures=False, cloze_items=8)
 CALIBRATION_TEXT = Path(__file__).parent / "assets" / "calibration.txt"
 
 
@@ -85,7 +86,10 @@ def run_demo(args: argparse.Namespace) -> int:
     calibration = read_samples(CALIBRATION_TEXT)[: config.calibration_samples]
     start = time.perf_counter()
 
+    cloze = []  # bundled_cloze accuracy of each model, in results' order
+
     def evaluate(model, tokenizer):
+        cloze.append(cloze_accuracy(model, tokenizer, config.cloze_items, config.num_mc_samples, args.seed))
         return perplexity(model, eval_texts, tokenizer=tokenizer, num_mc_samples=config.num_mc_samples,
                           seed=args.seed, max_length=config.max_seq_length)
 
@@ -116,6 +120,7 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = {
             "model": "bundled dlm", "seed": args.seed, "quick": args.quick, "config": dataclasses.asdict(config),
             "results": {name: {"sparsity": sparsity[name], **r.to_dict()} for name, r in results.items()},
+            "bundled_cloze_accuracy": dict(zip(results, cloze, strict=True)),
         }
         if config.num_mc_samples > 1:
             summary["sink_aware_minus_wanda"] = paired_difference(results["sink_aware_wanda"], results["wanda"])
@@ -124,7 +129,26 @@ def run_demo(args: argparse.Namespace) -> int:
         (staging / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     elapsed = time.perf_counter() - start
     _print_demo(output, results, sparsity, summary, config, elapsed)
+    print(_cloze_line(summary["bundled_cloze_accuracy"], config))
     return 0
+
+
+def cloze_accuracy(model, tokenizer, items: int, mc_samples: int, seed: int) -> float | None:
+    """Accuracy on the first ``items`` of the shipped lm-eval task bundled_cloze (None without lm-eval)."""
+    try:
+        from sink_modifier.harness import DiffusionLM, evaluate_tasks
+    except ImportError:
+        return None
+    lm = DiffusionLM(model, tokenizer, mc_samples=mc_samples, seed=seed)
+    return evaluate_tasks(lm, ["bundled_cloze"], limit=items)["results"]["bundled_cloze"]["acc,none"]
+
+
+def _cloze_line(accuracy: dict, config: DemoConfig) -> str:
+    if None in accuracy.values():
+        return "bundled_cloze accuracy: needs lm-eval (pip install 'sink-aware-pruning[eval]')"
+    names = {"dense": "dense", "wanda": "Wanda", "sink_aware_wanda": "sink-aware"}
+    return (f"bundled_cloze accuracy (lm-eval, {config.cloze_items} items, chance 0.25): "
+            + ", ".join(f"{names[name]} {value:.3f}" for name, value in accuracy.items()))
 
 
 def paired_difference(a, b) -> dict:

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EvalResult", "ar_perplexity", "elbo_perplexity", "perplexity", "prepare_sequences"]
+__all__ = [
+    "EvalMode", "EvalResult", "ar_perplexity", "elbo_perplexity", "model_bos_id", "noise_generator",
+    "noise_levels", "perplexity", "prepare_sequences", "token_nll", "token_scores",
+]
 
 Inputs = Sequence[str] | Sequence[torch.Tensor] | Sequence[Sequence[int]] | torch.Tensor
 
@@ -62,7 +65,8 @@ class EvalResult:
         }
 
 
-def _bos_id(model: torch.nn.Module, tokenizer=None) -> int | None:
+def model_bos_id(model: torch.nn.Module, tokenizer=None) -> int | None:
+    """The BOS every sequence starts with: the tokenizer's, else the model config's (None: no BOS)."""
     if tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is not None:
         return int(tokenizer.bos_token_id)
     value = getattr(getattr(model, "config", None), "bos_token_id", None)
@@ -119,18 +123,28 @@ def _pad(batch: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attention
 
 
-def _token_nll(model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """-log p(target) at every position of every row (float32, [B, T], padding 0)."""
+def token_scores(
+    model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p(target) (float32) and whether the target is the argmax, at every position ([B, T]; padding 0 and
+    False). One right-padded forward of ``batch``."""
     device = next(model.parameters()).device
     ids, attention = _pad(batch, 0)
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
     target_ids, _ = _pad(targets, 0)
+    target_ids, attention = target_ids.to(device), attention.to(device).bool()
     logp = F.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(-1, target_ids.to(device)[..., None])[..., 0]
-    return (nll * attention.to(device)).cpu()
+    nll = -logp.gather(-1, target_ids[..., None])[..., 0]
+    greedy = logits.argmax(dim=-1) == target_ids
+    return (nll * attention).cpu(), (greedy & attention).cpu()
 
 
-def _noise_generator(seed: int, sample: int, sequences: list[torch.Tensor]) -> torch.Generator:
+def token_nll(model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """-log p(target) at every position of every row (float32, [B, T], padding 0)."""
+    return token_scores(model, batch, targets)[0]
+
+
+def noise_generator(seed: int, sample: int, sequences: list[torch.Tensor]) -> torch.Generator:
     """One generator per MC sample, keyed by the seed, the sample index and the tokens (not the model)."""
     digest = hashlib.blake2b(digest_size=8)
     digest.update(f"{seed}:{sample}:{len(sequences)}".encode())
@@ -139,7 +153,7 @@ def _noise_generator(seed: int, sample: int, sequences: list[torch.Tensor]) -> t
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
 
 
-def _noise_levels(shift: float, count: int) -> list[float]:
+def noise_levels(shift: float, count: int) -> list[float]:
     """Stratified noise levels of one MC sample: a lattice over (0, 1) shifted by a uniform ``shift``."""
     return [(shift + j / count) % 1.0 for j in range(count)]
 
@@ -150,9 +164,9 @@ def _noise(
     """(sample, sequence, t, masked positions) for every MC sample and sequence, in a fixed order."""
     plan = []
     for sample in range(num_mc_samples):
-        generator = _noise_generator(seed, sample, sequences)
+        generator = noise_generator(seed, sample, sequences)
         shift = float(torch.rand((), generator=generator, dtype=torch.float64))
-        for j, (tokens, t) in enumerate(zip(sequences, _noise_levels(shift, len(sequences)), strict=True)):
+        for j, (tokens, t) in enumerate(zip(sequences, noise_levels(shift, len(sequences)), strict=True)):
             masked = torch.rand(tokens.shape, generator=generator, dtype=torch.float64) < t
             if bos_token_id is not None and int(tokens[0]) == bos_token_id:
                 masked[0] = False
@@ -172,7 +186,7 @@ def _result(totals: torch.Tensor, num_tokens: int) -> EvalResult:
     )
 
 
-class _EvalMode:
+class EvalMode:
     """``model.eval()`` under ``torch.no_grad()`` for the duration, restoring the training flag after."""
 
     def __init__(self, model: torch.nn.Module):
@@ -203,7 +217,7 @@ def elbo_perplexity(
     true perplexity). See the module docstring for the estimator and its stratified noise levels."""
     if num_mc_samples < 1:
         raise ValueError(f"num_mc_samples must be at least 1, got {num_mc_samples}")
-    bos = _bos_id(model, tokenizer)
+    bos = model_bos_id(model, tokenizer)
     sequences = prepare_sequences(texts_or_token_tensors, tokenizer=tokenizer, bos_token_id=bos,
                                   max_length=max_length)
     num_tokens = sum(int(x.numel()) - int(bos is not None and int(x[0]) == bos) for x in sequences)
@@ -212,13 +226,13 @@ def elbo_perplexity(
     # Items with nothing masked contribute exactly 0 and need no forward.
     plan = [item for item in _noise(sequences, num_mc_samples, seed, bos) if item[3].any()]
     totals = torch.zeros(num_mc_samples, dtype=torch.float64)
-    with _EvalMode(model):
+    with EvalMode(model):
         for start in range(0, len(plan), batch_size):
             chunk = plan[start : start + batch_size]
             clean = [sequences[j] for _, j, _, _ in chunk]
             noisy = [torch.where(m, torch.full_like(sequences[j], mask_token_id), sequences[j])
                      for _, j, _, m in chunk]
-            nll = _token_nll(model, noisy, clean).double()
+            nll = token_nll(model, noisy, clean).double()
             for row, (sample, _, t, masked) in enumerate(chunk):
                 totals[sample] += nll[row, : masked.numel()][masked].sum() / t
     return _result(totals, num_tokens)
@@ -233,17 +247,17 @@ def ar_perplexity(
     batch_size: int = 16,
 ) -> EvalResult:
     """Exact next-token perplexity of a causal LM over the same windows the ELBO uses (stderr 0)."""
-    bos = _bos_id(model, tokenizer)
+    bos = model_bos_id(model, tokenizer)
     sequences = prepare_sequences(texts_or_token_tensors, tokenizer=tokenizer, bos_token_id=bos,
                                   max_length=max_length)
     sequences = [x for x in sequences if x.numel() > 1]
     if not sequences:
         raise ValueError("nothing to score: an AR model needs sequences of at least two tokens")
     total, num_tokens = 0.0, 0
-    with _EvalMode(model):
+    with EvalMode(model):
         for start in range(0, len(sequences), batch_size):
             batch = sequences[start : start + batch_size]
-            nll = _token_nll(model, [x[:-1] for x in batch], [x[1:] for x in batch]).double()
+            nll = token_nll(model, [x[:-1] for x in batch], [x[1:] for x in batch]).double()
             total += float(nll.sum())
             num_tokens += sum(x.numel() - 1 for x in batch)
     mean = total / num_tokens

@@ -295,6 +295,11 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     assert "SinkAwarePruningModifier" in (output / "sink_aware_wanda" / "recipe.yaml").read_text()
     for text in ("dense", "Wanda (llm-compressor)", "sink-aware Wanda", "50.0%", str(output / "results.json")):
         assert text in out
+    cloze = json.loads((output / "results.json").read_text())["bundled_cloze_accuracy"]
+    assert list(cloze) == ["dense", "wanda", "sink_aware_wanda"]
+    if all(value is not None for value in cloze.values()):  # lm-eval installed (the eval extra)
+        assert all(0 <= value <= 1 for value in cloze.values())
+        assert "bundled_cloze accuracy (lm-eval, 8 items, chance 0.25): dense " in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 

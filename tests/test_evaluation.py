@@ -63,7 +63,7 @@ def test_fixed_noise_level_matches_a_hand_computed_bound(dlm_path, monkeypatch) 
     """With t fixed to 1 every token is masked: the bound is one forward of an all-mask input."""
     model = load_model(dlm_path)
     tokens = torch.tensor([BOS_ID, 40, 41, 42, 43, 44, 45])
-    monkeypatch.setattr(evaluation, "_noise_levels", lambda shift, count: [1.0] * count)
+    monkeypatch.setattr(evaluation, "noise_levels", lambda shift, count: [1.0] * count)
     result = elbo_perplexity(model, [tokens], mask_token_id=MASK_ID, num_mc_samples=3, seed=0)
     noisy = torch.tensor([[BOS_ID] + [MASK_ID] * 6])
     with torch.no_grad():
