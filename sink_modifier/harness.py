@@ -81,9 +81,10 @@ class DiffusionLM(TemplateLM):
             raise UnsupportedModel(f"mc_samples must be at least 1, got {mc_samples}")
         loaded_here = isinstance(pretrained, str)
         if loaded_here:
-            from sink_modifier.cli import load_model
+            from sink_modifier.loading import load_model_and_tokenizer
 
-            pretrained, tokenizer = load_model(pretrained, trust_remote_code=trust_remote_code, dtype=dtype)
+            pretrained, tokenizer = load_model_and_tokenizer(pretrained, trust_remote_code=trust_remote_code,
+                                                             dtype=dtype)
         elif tokenizer is None:
             raise UnsupportedModel("diffusion_lm needs tokenizer= when pretrained is a model object")
         if device is None and loaded_here:
@@ -394,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     from sink_modifier.cli import CLIError
+    from sink_modifier.loading import LoadError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and not any(a.startswith("--include_path") for a in args) and not {"-h", "--help"} & set(args):
@@ -401,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved, sys.argv = sys.argv, ["python -m sink_modifier.harness", *args]
     try:
         cli_evaluate()
-    except (UnsupportedModel, CLIError) as error:
+    except (UnsupportedModel, CLIError, LoadError) as error:
         print(f"python -m sink_modifier.harness: error: {error}", file=sys.stderr)
         return 1
     finally:
