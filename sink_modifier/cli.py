@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else a warning when datasets forks
     with _signals_as_interrupts():
         try:
+            _check_model_sources(args)  # before torch is imported: a typo fails in milliseconds
             return _run(args)
         except KeyboardInterrupt as stop:
             if args.debug:
@@ -247,6 +248,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG} {args.command}: error: {type(error).__name__}: {_one_line(error)} (unexpected: "
                       "rerun with --debug for the traceback, and please report it)", file=sys.stderr)
             return 1
+
+
+def _check_model_sources(args: argparse.Namespace) -> None:
+    """``resolve_source`` for MODEL (and ``--compare``), from ``sink_modifier/sources.py`` loaded by itself when
+    the package (which imports llm-compressor) is not imported yet."""
+    names = [getattr(args, "model", None), getattr(args, "compare", None)]
+    if not any(name is not None for name in names):
+        return
+    module = sys.modules.get("sink_modifier.sources")
+    if module is None:
+        import importlib.util
+
+        path = Path(__file__).with_name("sources.py")
+        spec = importlib.util.spec_from_file_location("sink_modifier.sources", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sink_modifier.sources"] = module  # the package's own import of it gets this module
+        spec.loader.exec_module(module)
+    for name in names:
+        if name is not None:
+            module.resolve_source(name)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -292,6 +313,10 @@ _USER_ERRNOS = {"EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "ENOTDIR", "EISD
 def _is_user_error(error: Exception) -> bool:
     """Errors whose message tells the user what to change; anything else is a bug."""
     import errno
+
+    sources = sys.modules.get("sink_modifier.sources")
+    if isinstance(error, CLIError) or sources is not None and isinstance(error, sources.LoadError):
+        return True  # decided without importing the package: a typo'd MODEL fails fast
 
     from pydantic import ValidationError
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
@@ -26,35 +24,12 @@ import torch
 from loguru import logger
 
 from sink_modifier import compat
+from sink_modifier.sources import LoadError, resolve_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["LoadError", "load_model", "load_model_and_tokenizer", "resolve_source"]
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class LoadError(ValueError):
-    """The checkpoint cannot be loaded as asked; the message says what to change."""
-
-
-def resolve_source(name: str | os.PathLike) -> tuple[str, bool]:
-    """(what to hand ``from_pretrained``, whether it is a Hub id); fails fast on what cannot be either."""
-    text = str(name)
-    if not text.strip():
-        raise LoadError("the model path is empty (an unset shell variable?)")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LoadError(f"{text}: no config.json in this directory; MODEL must be a checkpoint directory")
-        return str(path), False
-    if path.exists():
-        raise LoadError(f"{text} is a file; MODEL must be a Hub id or a directory with config.json and weights")
-    if not _HUB_ID.match(text) or text.startswith((".", "~")):
-        raise LoadError(f"{text}: no such directory (a Hugging Face Hub id has the form org/name)")
-    return text, True
-
 
 def _hub_offline() -> bool:
     """Whether the Hub cannot be used: offline mode, or its endpoint does not answer within 3 s."""

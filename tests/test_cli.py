@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,19 @@ def test_local_path_that_does_not_exist(capsys, tmp_path):
     code, _, err = run_cli(capsys, "run", "no_such_model", "--recipe", RECIPE, "--text-file", __file__,
                            "--output", tmp_path / "out")  # a typo, not a Hub id (those are org/name)
     assert code == 1 and "no_such_model: no such directory" in err
+
+
+def test_a_typo_fails_in_under_a_second_from_the_shell(tmp_path):
+    """The installed script checks MODEL before importing torch or llm-compressor."""
+    command = [shutil.which("sink-prune")] if shutil.which("sink-prune") else [sys.executable, "-m", "sink_prune"]
+    start = time.perf_counter()
+    result = subprocess.run([*command, "run", "no_such_model", "--recipe", str(RECIPE), "--text-file", __file__,
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "sink-prune run: error: no_such_model: no such directory (a Hugging Face Hub id has the form org/name)")
+    assert elapsed < 1.0, elapsed
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_samples_from_a_saved_dataset(dlm_path, tmp_path):
