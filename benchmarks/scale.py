@@ -402,12 +402,13 @@ def main() -> int:
             raise SystemExit("--report-only needs --workdir DIR with a results.json from earlier runs")
         rows = sorted(json.loads((Path(args.workdir) / "results.json").read_text()).values(),
                       key=lambda r: (list(SHAPES).index(r["family"]), r["pipeline"], r["layers"]))
-        command = ("python benchmarks/scale.py --workdir DIR --models MODEL --layers N --pipelines PIPELINE, "
-                   "one invocation per row below (cells accumulate in DIR), then `--report-only`")
+        command = ("`python benchmarks/scale.py --workdir DIR --models MODEL --layers N --pipelines PIPELINE "
+                   "[--samples N]`, one invocation per row below (cells accumulate in DIR), then "
+                   "`python benchmarks/scale.py --workdir DIR --report-only`")
     else:
         rows = run_grid(args)
-        command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
-    text = (f"Measured with `{command.strip()}` on {platform.processor() or platform.machine()}, "
+        command = "`python benchmarks/scale.py " + " ".join(sys.argv[1:]).strip() + "`"
+    text = (f"Measured with {command} on {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {__import__('torch').__version__}, {args.threads} threads; "
             f"{time.strftime('%Y-%m-%d')}. Random bf16 weights; calibration as the command says "
             "(LLaDA/Dream: samples x tokens, 10 noise levels, `sink_wanda_unstructured_50.yaml`; DiffusionGemma: "
