@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LoadError", "load_model", "load_model_and_tokenizer", "resolve_source"]
 
+
 def _hub_offline() -> bool:
     """Whether the Hub cannot be used: offline mode, or its endpoint does not answer within 3 s."""
     from huggingface_hub import constants
