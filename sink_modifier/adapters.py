@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 import torch
 from loguru import logger
 
+from sink_modifier import compat
 from sink_modifier.errors import UserError
 
 AdapterName = Literal["auto", "masked", "autoregressive", "diffusion_gemma"]
@@ -320,15 +321,15 @@ def attends_bidirectionally(model: torch.nn.Module) -> bool:
     second = first.clone()
     second[0, -1] = 5 % vocab
     device = next(model.parameters()).device
-    previous = getattr(config, "_attn_implementation", None)
+    previous = compat.attention_implementation(config)
     try:
         if previous is not None:
-            config._attn_implementation = "eager"
+            compat.use_attention_implementation(config, "eager")
         kwargs = no_cache_kwargs(model)
         outputs = [model(input_ids=x.to(device), **kwargs).logits[0, 0] for x in (first, second)]
     finally:
         if previous is not None:
-            config._attn_implementation = previous
+            compat.use_attention_implementation(config, previous)
     return not torch.equal(outputs[0], outputs[1])
 
 

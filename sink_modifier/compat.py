@@ -139,3 +139,100 @@ def restore_non_persistent_buffers(model: torch.nn.Module, config) -> list[str]:
         logger.info(f"Recomputed {len(repaired)} non-persistent buffer(s) that transformers left uninitialised "
                     f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in repaired}))})")
     return repaired
+
+
+# ---- transformers: attention implementations (5.15-5.17) ---------------------------------------------
+
+
+def unregister_attention(name: str) -> None:
+    """Remove an attention function and its mask function registered under ``name``.
+
+    transformers 5.17's ``AttentionInterface`` / ``AttentionMaskInterface`` offer ``register`` but no way to
+    unregister; their ``_global_mapping`` dict holds the registrations.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface._global_mapping.pop(name, None)
+    AttentionMaskInterface._global_mapping.pop(name, None)
+
+
+def has_attention_implementation(config) -> bool:
+    """Whether ``config`` selects an attention implementation (transformers 5: the ``_attn_implementation``
+    property of ``PretrainedConfig``; there is no public getter on configs)."""
+    return hasattr(config, "_attn_implementation")
+
+
+def attention_implementation(config) -> str | None:
+    return getattr(config, "_attn_implementation", None)
+
+
+def use_attention_implementation(config, value: str | None) -> None:
+    """Select ``value`` on ``config`` and, through the property's setter, on its sub-configs."""
+    config._attn_implementation = value
+
+
+def set_attention_implementation(config, value: str | None) -> None:
+    """Set one config's implementation without the recursive setter: in transformers 5.17 the property setter
+    also rewrites every sub-config, so parent/child restore order could clobber a sub-config; the stored
+    value is ``_attn_implementation_internal`` when the config has it."""
+    if "_attn_implementation_internal" in vars(config):
+        config._attn_implementation_internal = value
+    else:
+        config._attn_implementation = value
+
+
+# ---- llm-compressor 0.14.0.1 ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def routed_experts_only() -> Iterator[None]:
+    """Turn off llm-compressor's all-experts calibration flag, which oneshot sets for the whole run.
+
+    llm-compressor 0.14 keeps the flag in the module global ``llmcompressor.modeling.moe.context.
+    _CALIBRATE_ALL_EXPERTS`` and offers only a getter. It matters only for statistics (every expert sees every
+    token: about E / top-k times the expert compute); the trajectory phase needs none.
+    """
+    from llmcompressor.modeling.moe import context
+
+    previous, context._CALIBRATE_ALL_EXPERTS = context._CALIBRATE_ALL_EXPERTS, False
+    try:
+        yield
+    finally:
+        context._CALIBRATE_ALL_EXPERTS = previous
+
+
+def share_bookkeeping(engine, module_names: dict, module_sparsities: dict) -> None:
+    """Give a held Wanda/SparseGPT engine the modules and sparsities the modifier resolved.
+
+    llm-compressor 0.14's ``SparsityModifierBase`` keeps them in the private ``_module_names`` and
+    ``_module_sparsities``, which its ``compress_modules`` reads.
+    """
+    engine._module_names = module_names
+    engine._module_sparsities = module_sparsities
+
+
+def uncompressed_modules(engine) -> int:
+    """How many modules the engine calibrated but did not compress (llm-compressor 0.14: ``_num_samples``)."""
+    return len(engine._num_samples) if engine is not None else 0
+
+
+def reduce_statistics_across_ranks(engine, method: str) -> None:
+    """Combine every rank's Wanda row statistics or SparseGPT Hessians into the all-data mean.
+
+    llm-compressor 0.14 splits calibration data across ranks but its Wanda and SparseGPT modifiers never reduce
+    their statistics (``_row_scalars`` / ``_hessians``, running means over ``_num_samples``), so each rank would
+    prune from its own shard. The global mean is ``sum_r n_r mean_r / sum_r n_r``; every rank then selects the
+    same mask from the same statistics. ``tests/test_compat.py`` fails if llm-compressor starts reducing itself.
+    """
+    import torch.distributed as dist
+
+    stats = engine._row_scalars if method == "wanda" else engine._hessians
+    for module in list(engine._num_samples):
+        count = torch.tensor(float(engine._num_samples[module]), device=stats[module].device)
+        total = count.clone()
+        weighted = stats[module] * count
+        dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        stats[module] = weighted / total
+        engine._num_samples[module] = int(total.item())

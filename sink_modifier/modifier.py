@@ -13,7 +13,6 @@ import re
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
@@ -24,6 +23,7 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
+from sink_modifier import compat
 from sink_modifier.adapters import AdapterName, DiffusionAdapter, adapter_for
 from sink_modifier.compat import make_saveable
 from sink_modifier.errors import UserError
@@ -192,8 +192,7 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
             embedding = model.get_input_embeddings()
             self.register_hook(embedding, self._observe_batch, "forward_pre")
         super().on_calibration_start(state, event, **kwargs)
-        self._engine._module_names = self._module_names
-        self._engine._module_sparsities = self._module_sparsities
+        compat.share_bookkeeping(self._engine, self._module_names, self._module_sparsities)
         self._map_layer_scope(model)  # scope itself was checked in on_initialize, on the same selection
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
@@ -223,13 +222,13 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
         if isinstance(self._scales, SampleScales):
             self._scales.verify()
         if is_distributed():
-            self._reduce_statistics_across_ranks()
+            compat.reduce_statistics_across_ranks(self._engine, self.method)
         self._engine.compress_modules()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
             self.on_end(state, None)
-        left = len(self._engine._num_samples) if self._engine is not None else 0
+        left = compat.uncompressed_modules(self._engine)
         if left:
             raise ValueError(f"Failed to compress {left} modules")
         if self._trajectory is not None:
@@ -290,25 +289,6 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
                 f"{sum(4 * m.weight.shape[1] for m in modules) / 2**20:.1f} MiB), set "
                 "offload_hessians: true on a machine with enough RAM, or prune fewer layers per run (targets)"
             )
-
-    def _reduce_statistics_across_ranks(self):
-        """Combine every rank's Wanda row statistics or SparseGPT Hessians into the all-data mean.
-
-        llm-compressor 0.14 splits calibration data across ranks but its Wanda and SparseGPT modifiers never
-        reduce their statistics, so each rank would prune from its own shard. Each engine keeps a running mean
-        over its ``n`` samples; the global mean is ``sum_r n_r mean_r / sum_r n_r``. Every rank then selects the
-        same mask from the same statistics, so no broadcast of weights is needed.
-        """
-        engine = self._engine
-        stats = engine._row_scalars if self.method == "wanda" else engine._hessians
-        for module in list(engine._num_samples):
-            count = torch.tensor(float(engine._num_samples[module]), device=stats[module].device)
-            total = count.clone()
-            weighted = stats[module] * count
-            dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-            stats[module] = weighted / total
-            engine._num_samples[module] = int(total.item())
 
     def _observe_batch(self, module, args):
         self._scales.observe(active_session().state.current_batch_idx, args[0])

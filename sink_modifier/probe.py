@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sink_modifier import compat
+
 __all__ = ["AttentionProbe", "AttentionProbeError", "attention_key_mass"]
 
 _ROUTES = ("auto", "interface", "sdpa")
@@ -159,7 +161,7 @@ def _configs(model: nn.Module) -> list[Any]:
     pending = [m.config for m in model.modules() if getattr(m, "config", None) is not None]
     while pending:
         config = pending.pop()
-        if id(config) in seen or not hasattr(config, "_attn_implementation"):
+        if id(config) in seen or not compat.has_attention_implementation(config):
             continue
         seen[id(config)] = config
         pending.extend(getattr(config, k, None) for k in getattr(config, "sub_configs", {}) or {})
@@ -172,7 +174,7 @@ def _auto_route(model: nn.Module) -> str:
     native = (
         isinstance(model, PreTrainedModel)
         and type(model).__module__.startswith("transformers.models.")
-        and hasattr(model.config, "_attn_implementation")
+        and compat.has_attention_implementation(model.config)
     )
     return "interface" if native else "sdpa"
 
@@ -295,15 +297,14 @@ class AttentionProbe:
 
         name = f"sink_probe_{next(_probe_ids)}"
         AttentionInterface.register(name, self._interface_forward)
-        self._undo.append(partial(AttentionInterface._global_mapping.pop, name, None))
         # Unregistered names make transformers silently skip mask creation (padding, sliding).
         AttentionMaskInterface.register(name, sdpa_mask)
-        self._undo.append(partial(AttentionMaskInterface._global_mapping.pop, name, None))
+        self._undo.append(partial(compat.unregister_attention, name))
         configs = _configs(self.model)
-        saved = [(c, c._attn_implementation) for c in configs]
+        saved = [(c, compat.attention_implementation(c)) for c in configs]
         self._undo.append(partial(_restore_configs, saved))
         for config in configs:
-            config._attn_implementation = name
+            compat.use_attention_implementation(config, name)
 
     def _install_sdpa(self) -> None:
         original = torch.nn.functional.scaled_dot_product_attention
@@ -401,9 +402,5 @@ class _AllLayersMeasured(Exception):
 
 
 def _restore_configs(saved: list[tuple[Any, Any]]) -> None:
-    """Restore without the recursive setter, so parent/child order cannot clobber a sub-config."""
     for config, value in saved:
-        if "_attn_implementation_internal" in vars(config):
-            config._attn_implementation_internal = value
-        else:
-            config._attn_implementation = value
+        compat.set_attention_implementation(config, value)

@@ -8,9 +8,8 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
 from sink_modifier.adapters import DenoisingState, DiffusionAdapter
+from sink_modifier.compat import routed_experts_only
 from sink_modifier.errors import UserError
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
 
@@ -240,22 +240,6 @@ def _states(
         )
     return adapter.forward_noise_states(tokens, levels=settings.noise_levels, eps=settings.noise_eps,
                                         seed=settings.seed)
-
-
-@contextlib.contextmanager
-def routed_experts_only() -> Iterator[None]:
-    """Turn off llm-compressor's all-experts calibration flag, which oneshot sets for the whole run.
-
-    It only matters for statistics (every expert sees every token, outputs unchanged: about E / top-k times
-    the expert compute); the trajectory phase needs none, so MoE models run their routed experts only.
-    """
-    from llmcompressor.modeling.moe import context
-
-    previous, context._CALIBRATE_ALL_EXPERTS = context._CALIBRATE_ALL_EXPERTS, False
-    try:
-        yield
-    finally:
-        context._CALIBRATE_ALL_EXPERTS = previous
 
 
 def run_trajectory(

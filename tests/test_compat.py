@@ -1,0 +1,91 @@
+"""Every upstream internal that ``sink_modifier/compat.py`` relies on, checked against the installed versions.
+
+Each test fails loudly when transformers or llm-compressor moves or changes the internal a workaround uses, so
+an upgrade breaks here, named, and not silently in the middle of a pruning run.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+
+def test_attention_registries_are_dicts_we_can_clean_up():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from sink_modifier import compat
+
+    AttentionInterface.register("sink_compat_probe", lambda *a, **k: None)
+    AttentionMaskInterface.register("sink_compat_probe", sdpa_mask)
+    compat.unregister_attention("sink_compat_probe")
+    assert "sink_compat_probe" not in AttentionInterface._global_mapping
+    assert "sink_compat_probe" not in AttentionMaskInterface._global_mapping
+
+
+def test_config_attention_implementation_internals(dlm_path):
+    from transformers import AutoConfig
+
+    from sink_modifier import compat
+
+    config = AutoConfig.from_pretrained(dlm_path)
+    assert compat.has_attention_implementation(config)
+    compat.use_attention_implementation(config, "eager")
+    assert compat.attention_implementation(config) == "eager"
+    assert "_attn_implementation_internal" in vars(config)  # what set_attention_implementation writes
+    compat.set_attention_implementation(config, "sdpa")
+    assert compat.attention_implementation(config) == "sdpa"
+
+
+def test_llmcompressor_all_experts_flag_is_a_module_global():
+    from llmcompressor.modeling.moe import context
+
+    from sink_modifier import compat
+
+    assert hasattr(context, "_CALIBRATE_ALL_EXPERTS")
+    previous = context._CALIBRATE_ALL_EXPERTS
+    context._CALIBRATE_ALL_EXPERTS = True
+    try:
+        with compat.routed_experts_only():
+            assert context.get_calibrate_all_experts_flag() is False
+        assert context.get_calibrate_all_experts_flag() is True
+    finally:
+        context._CALIBRATE_ALL_EXPERTS = previous
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_engine_private_statistics_exist_and_are_never_reduced_upstream(method):
+    """The engine attributes compat reads and writes, and llm-compressor 0.14's lack of a cross-rank reduction
+    of them (if it starts reducing, ours would reduce twice)."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    cls = WandaPruningModifier if method == "wanda" else SparseGPTModifier
+    engine = cls(sparsity=0.5, targets=["Linear"])
+    statistics = "_row_scalars" if method == "wanda" else "_hessians"
+    for name in (statistics, "_num_samples", "_module_names", "_module_sparsities"):
+        assert isinstance(getattr(engine, name), dict), name
+    source = inspect.getsource(cls.compress_modules) + inspect.getsource(cls.calibrate_module)
+    assert "all_reduce" not in source and "reduce_" not in source
+
+
+def test_reduce_statistics_across_ranks_is_the_count_weighted_mean(monkeypatch):
+    """Two simulated ranks: all_reduce sums over both ranks' contributions."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from sink_modifier import compat
+
+    module = torch.nn.Linear(2, 1)
+    engine = SimpleNamespace(_row_scalars={module: torch.tensor([1.0, 3.0])}, _num_samples={module: 2})
+    other = {"weighted": torch.tensor([5.0, 5.0]) * 6, "count": torch.tensor(6.0)}
+
+    def fake_all_reduce(tensor, op=None):
+        tensor += other["weighted"] if tensor.numel() == 2 else other["count"]
+
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    compat.reduce_statistics_across_ranks(engine, "wanda")
+    assert torch.allclose(engine._row_scalars[module], torch.tensor([(2 * 1 + 6 * 5) / 8, (2 * 3 + 6 * 5) / 8]))
+    assert engine._num_samples[module] == 8
