@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import io
 import json
 import os
@@ -437,7 +436,8 @@ def _progress_bars(mode: str) -> Iterator[None]:
         return
     from tqdm import std
 
-    original = std.tqdm.__init__
+    from sink_modifier import compat
+
     layers: dict[str, Any] = {"bar": None}
 
     def finish_layers():
@@ -447,9 +447,7 @@ def _progress_bars(mode: str) -> Iterator[None]:
             bar.n = bar.total
             bar.close()
 
-    @functools.wraps(original)
-    def init(self, *args, **kwargs):
-        desc = str(kwargs.get("desc") or (args[1] if len(args) > 1 else "") or "")
+    def edit(kwargs: dict, desc: str) -> None:
         layer = _LAYER_BAR.match(desc)
         if mode == "off" or layer or desc.startswith(_HIDDEN_BARS):
             kwargs["disable"] = True
@@ -462,13 +460,11 @@ def _progress_bars(mode: str) -> Iterator[None]:
             layers["bar"].refresh()
         elif mode == "phases" and not desc.startswith(_HIDDEN_BARS) and not kwargs.get("disable"):
             finish_layers()  # the next phase began
-        original(self, *args, **kwargs)
 
-    std.tqdm.__init__ = init
     try:
-        yield
+        with compat.editing_tqdm_bars(edit):
+            yield
     finally:
-        std.tqdm.__init__ = original
         finish_layers()
 
 

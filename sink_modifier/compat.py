@@ -27,6 +27,13 @@ import functools
 from collections.abc import Iterator
 
 import torch
+
+# The base class of llm-compressor 0.14's pruning modifiers and the layer types they prune live in a deep module
+# that has moved between releases; the package imports them from here only (re-exported).
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import (  # noqa: F401
+    PRUNABLE_LAYER_TYPES,
+    SparsityModifierBase,
+)
 from loguru import logger
 
 
@@ -236,3 +243,49 @@ def reduce_statistics_across_ranks(engine, method: str) -> None:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         stats[module] = weighted / total
         engine._num_samples[module] = int(total.item())
+
+
+
+def replace_save_pretrained(model: torch.nn.Module, save_pretrained) -> None:
+    """Install ``save_pretrained`` on this model instance only.
+
+    ``oneshot`` saves through the model's own ``save_pretrained`` (llm-compressor 0.14 wraps it the same way)
+    and tells modifiers nothing about the output directory, so the instance method is the one hook that sees it.
+    """
+    model.save_pretrained = save_pretrained
+
+
+def move_child_first(module: torch.nn.Module, name: str) -> None:
+    """Make ``name`` the first registered child of ``module`` (children are named in registration order),
+    with torch's public ``delattr`` / ``setattr`` only."""
+    children = list(module.named_children())
+    if not children or children[0][0] == name:
+        return
+    for child_name, _ in children:
+        delattr(module, child_name)
+    for child_name, child in sorted(children, key=lambda item: item[0] != name):
+        setattr(module, child_name, child)
+
+
+@contextlib.contextmanager
+def editing_tqdm_bars(edit) -> Iterator[None]:
+    """Call ``edit(kwargs, desc)`` before every tqdm bar is created, in every library, while active.
+
+    tqdm 4.x: every library's bar derives from ``tqdm.std.tqdm``, and its ``TQDM_DISABLE`` variable is read at
+    import, too late for a command that decides per phase; ``tqdm.std.tqdm.__init__`` is the one place.
+    """
+    from tqdm import std
+
+    descriptor = std.tqdm.__dict__["__init__"]  # restored exactly (tqdm defines it through partialmethod)
+    original = std.tqdm.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        edit(kwargs, str(kwargs.get("desc") or (args[1] if len(args) > 1 else "") or ""))
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = descriptor

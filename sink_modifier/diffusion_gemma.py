@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from sink_modifier import compat
 from sink_modifier.adapters import AdapterError, DenoisingState, DiffusionAdapter, sample_generator
 from sink_modifier.errors import UserError
 
@@ -234,9 +235,7 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
         from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 
         backbone = model.model
-        if next(iter(backbone._modules)) != DECODER:
-            order = [DECODER] + [name for name in backbone._modules if name != DECODER]
-            backbone._modules = {name: backbone._modules[name] for name in order}
+        compat.move_child_first(backbone, DECODER)
         encoder_layers, decoder_layers = _text_layers(model)
         shared = 0
         for encoder_layer, decoder_layer in zip(encoder_layers, decoder_layers, strict=True):
@@ -273,8 +272,9 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
             for path, module in _shared_children(decoder_layer):
                 parent_path, _, leaf = path.rpartition(".")
                 parent = encoder_layer.get_submodule(parent_path) if parent_path else encoder_layer
-                if parent._modules.get(leaf) is module:
-                    detached.append((parent, leaf, parent._modules.pop(leaf)))
+                if getattr(parent, leaf, None) is module:
+                    delattr(parent, leaf)
+                    detached.append((parent, leaf, module))
 
         def add_encoder_qparams(module, state_dict, prefix, local_metadata):
             for key in list(state_dict):
@@ -292,7 +292,7 @@ class DiffusionGemmaAdapter(DiffusionAdapter):
         finally:
             handle.remove()
             for parent, leaf, module in detached:
-                parent._modules[leaf] = module
+                setattr(parent, leaf, module)
 
     @staticmethod
     def finish_checkpoint(model: torch.nn.Module, directory) -> None:

@@ -18,7 +18,6 @@ from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
@@ -42,7 +41,7 @@ __all__ = ["SinkAwarePruningModifier"]
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
-class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
+class SinkAwarePruningModifier(compat.SparsityModifierBase, TrajectorySettings):
     """Prune a diffusion LM with Wanda or SparseGPT statistics that discount its attention sinks.
 
     ```yaml
@@ -161,11 +160,10 @@ class SinkAwarePruningModifier(SparsityModifierBase, TrajectorySettings):
     def _planned_modules(self) -> dict[torch.nn.Module, str]:
         """The Linears the engine will hook: llm-compressor's own selection (target layers, minus ignore)."""
         from compressed_tensors.utils import match_targets
-        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
 
         planned = {}
         for layer_name, layer in self._target_layers.items():
-            for name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
+            for name, module in match_named_modules(layer, compat.PRUNABLE_LAYER_TYPES):
                 name = f"{layer_name}.{name}"
                 if not match_targets(name, module, self.ignore) and not isinstance(module, torch.nn.Embedding):
                     planned.setdefault(module, name)

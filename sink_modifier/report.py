@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sink_modifier import compat
 from sink_modifier.publish import staged
 
 REPORT_NAME = "sink_report.json"
@@ -55,4 +56,4 @@ def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> 
                 write_report(model._sink_report, staging)
         return result
 
-    model.save_pretrained = save_pretrained
+    compat.replace_save_pretrained(model, save_pretrained)

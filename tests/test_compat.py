@@ -89,3 +89,53 @@ def test_reduce_statistics_across_ranks_is_the_count_weighted_mean(monkeypatch):
     compat.reduce_statistics_across_ranks(engine, "wanda")
     assert torch.allclose(engine._row_scalars[module], torch.tensor([(2 * 1 + 6 * 5) / 8, (2 * 3 + 6 * 5) / 8]))
     assert engine._num_samples[module] == 8
+
+
+def test_move_child_first_keeps_modules_and_changes_only_the_order():
+    from sink_modifier import compat
+
+    parent = torch.nn.Module()
+    for name in ("encoder", "decoder", "head"):
+        setattr(parent, name, torch.nn.Linear(2, 2))
+    modules = dict(parent.named_children())
+    compat.move_child_first(parent, "decoder")
+    assert [name for name, _ in parent.named_children()] == ["decoder", "encoder", "head"]
+    assert all(getattr(parent, name) is module for name, module in modules.items())
+
+
+def test_editing_tqdm_bars_reaches_every_bar_and_is_undone():
+    from tqdm import std
+
+    from sink_modifier import compat
+
+    seen = []
+
+    def edit(kwargs, desc):
+        seen.append(desc)
+        kwargs["disable"] = True
+
+    original = std.tqdm.__dict__["__init__"]
+    with compat.editing_tqdm_bars(edit):
+        bar = std.tqdm(range(3), desc="Calibrating")
+        assert bar.disable
+    assert seen == ["Calibrating"] and std.tqdm.__dict__["__init__"] is original
+
+
+UPSTREAM_INTERNALS = [
+    r"\b_global_mapping\b", r"\._attn_implementation", r"_CALIBRATE_ALL_EXPERTS", r"tqdm\.__init__",
+    r"(?<!self)\._modules\b", r"sgpt_base", r"\._row_scalars", r"\._hessians\b", r"\._num_samples",
+    r"\.save_pretrained = ",
+]
+
+
+def test_upstream_internals_are_touched_in_compat_only():
+    import re
+    from pathlib import Path
+
+    pattern = re.compile("|".join(UPSTREAM_INTERNALS))
+    package = Path(__file__).resolve().parents[1] / "sink_modifier"
+    offenders = [f"{path.name}:{number}: {line.strip()}"
+                 for path in sorted(package.glob("*.py")) if path.name != "compat.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line) and not line.lstrip().startswith("#")]
+    assert not offenders, "\n".join(offenders)
