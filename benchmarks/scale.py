@@ -82,7 +82,7 @@ def build_checkpoint(shape: Shape, layers: int, path: Path) -> int:
     torch.manual_seed(0)
     if shape.family == "diffusion_gemma":
         return _build_diffusion_gemma(shape, layers, path)
-    from tests.layouts import save_id_tokenizer, save_with_list_tied_keys
+    from tests.layouts import save_as_remote_code
 
     if shape.family == "llada":
         from tests.layouts.llada import LLaDAConfig as Config
@@ -90,7 +90,7 @@ def build_checkpoint(shape: Shape, layers: int, path: Path) -> int:
 
         config = Config(d_model=shape.d, n_heads=shape.heads, n_kv_heads=shape.kv_heads, n_layers=layers,
                         mlp_hidden_size=shape.mlp, vocab_size=shape.vocab, mask_token_id=shape.mask_token_id)
-        Model.register_for_auto_class("AutoModelForCausalLM")
+        autos = ("AutoModel", "AutoModelForCausalLM")
     else:
         from tests.layouts.dream import DreamConfig as Config
         from tests.layouts.dream import DreamModel as Model
@@ -98,15 +98,13 @@ def build_checkpoint(shape: Shape, layers: int, path: Path) -> int:
         config = Config(hidden_size=shape.d, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                         num_hidden_layers=layers, intermediate_size=shape.mlp, vocab_size=shape.vocab,
                         mask_token_id=shape.mask_token_id)
-        Model.register_for_auto_class("AutoModel")
-    config.register_for_auto_class()
+        autos = ("AutoModel",)
     with torch.device("meta"):
         model = Model(config)
         if not hasattr(model, "all_tied_weights_keys"):
             model.post_init()  # LLaDA never calls it; on the meta device it initialises nothing
     model = _materialise(model)
-    save_with_list_tied_keys(model, path)
-    save_id_tokenizer(path, shape.vocab, shape.mask_token_id)
+    save_as_remote_code(model, path, autos)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -9,6 +9,7 @@ suite fails wherever the published code fails under the pinned transformers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,25 +57,31 @@ def save_id_tokenizer(path: Path, vocab_size: int, mask_token_id: int) -> None:
     build_id_tokenizer(vocab_size, mask_token_id).save_pretrained(path)
 
 
-def build_tiny_llada(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """A random tiny LLaDA checkpoint: config, weights, id tokenizer and ``llada.py`` as its remote code."""
-    from .llada import LLaDAConfig, LLaDAModelLM
-
+def save_as_remote_code(model, path: Path, auto_classes: tuple[str, ...]) -> Path:
+    """Save ``model`` with its modeling file and an ``auto_map`` naming ``auto_classes``, as the published
+    checkpoints are, plus an id tokenizer. transformers records one Auto class per model class, so the
+    ``auto_map`` is completed afterwards."""
     path = Path(path)
-    torch.manual_seed(seed)
-    config = LLaDAConfig(**config_kwargs)
-    config.register_for_auto_class()
-    LLaDAModelLM.register_for_auto_class("AutoModel")
-    LLaDAModelLM.register_for_auto_class("AutoModelForCausalLM")
-    model = build_llada(config)
+    config = model.config
+    type(config).register_for_auto_class()
+    type(model).register_for_auto_class(auto_classes[0])
     save_with_list_tied_keys(model, path)
-    config_json = path / "config.json"  # both Auto classes, as LLaDA's published auto_map
-    text = config_json.read_text()
-    config_json.write_text(text.replace('"AutoModelForCausalLM": "llada.LLaDAModelLM"',
-                                        '"AutoModel": "llada.LLaDAModelLM",\n    '
-                                        '"AutoModelForCausalLM": "llada.LLaDAModelLM"'))
+    config_json = path / "config.json"
+    saved = json.loads(config_json.read_text())
+    target = saved["auto_map"][auto_classes[0]]
+    saved["auto_map"].update(dict.fromkeys(auto_classes, target))
+    config_json.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
     return path
+
+
+def build_tiny_llada(path: Path, seed: int = 0, **config_kwargs) -> Path:
+    """A random tiny LLaDA checkpoint whose ``auto_map`` names both Auto classes, as LLaDA's does."""
+    from .llada import LLaDAConfig
+
+    torch.manual_seed(seed)
+    model = build_llada(LLaDAConfig(**config_kwargs))
+    return save_as_remote_code(model, path, ("AutoModel", "AutoModelForCausalLM"))
 
 
 def build_llada(config):
@@ -87,14 +94,8 @@ def build_llada(config):
 
 
 def build_tiny_dream(path: Path, seed: int = 0, **config_kwargs) -> Path:
-    """A random tiny Dream checkpoint: config, weights, id tokenizer and ``dream.py`` (``AutoModel`` only)."""
+    """A random tiny Dream checkpoint whose ``auto_map`` names only ``AutoModel``, as Dream's does."""
     from .dream import DreamConfig, DreamModel
 
-    path = Path(path)
     torch.manual_seed(seed)
-    config = DreamConfig(**config_kwargs)
-    config.register_for_auto_class()
-    DreamModel.register_for_auto_class("AutoModel")
-    save_with_list_tied_keys(DreamModel(config).eval(), path)
-    save_id_tokenizer(path, config.vocab_size, config.mask_token_id)
-    return path
+    return save_as_remote_code(DreamModel(DreamConfig(**config_kwargs)).eval(), path, ("AutoModel",))
