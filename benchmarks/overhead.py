@@ -42,8 +42,10 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.adapters import MaskedDiffusionAdapter
-from sink_modifier.diffusion_gemma import DiffusionGemmaAdapter, SelfConditioningFeed
+from sink_modifier.families.diffusion_gemma import DiffusionGemma, feeding_self_conditioning
+from sink_modifier.families.diffusion_gemma_checkpoint import SharedWeights
+from sink_modifier.families.masked import MaskedDiffusion
+from sink_modifier.scope import never_pruned_ignore
 from sink_modifier.toy import MASK_ID, build_tiny_diffusion_gemma, build_toy_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,7 +99,7 @@ def calibration(tokenizer, num_samples: int, length: int, seed: int) -> list[lis
 
 
 def noised_states(samples: list[list[int]], levels: int, seed: int) -> list[list[int]]:
-    adapter = MaskedDiffusionAdapter(MASK_ID)
+    adapter = MaskedDiffusion(MASK_ID)
     return [
         state.input_ids.tolist()
         for sample in samples
@@ -108,7 +110,7 @@ def noised_states(samples: list[list[int]], levels: int, seed: int) -> list[list
 def sampler_states(model_path: Path, samples: list[list[int]], steps: int, seed: int) -> list[list[int]]:
     """The states the masked sampler visits, exactly as the sink-aware run records them."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    adapter = MaskedDiffusionAdapter(MASK_ID)
+    adapter = MaskedDiffusion(MASK_ID)
     return [
         state.input_ids.tolist()
         for sample in samples
@@ -167,7 +169,7 @@ def measure(model_path: Path, samples, levels: int, seed: int, repeats: int) -> 
 def diffusion_gemma_states(model_path: Path, samples: list[list[int]], steps: int, seed: int):
     """The decoder steps DiffusionGemma's generate() visits, exactly as the sink-aware run records them."""
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_path, dtype=torch.float32)
-    adapter = DiffusionGemmaAdapter(model)
+    adapter = DiffusionGemma(model)
     return [
         state
         for sample in samples
@@ -184,11 +186,11 @@ def timed_diffusion_gemma(model_path: Path, recipe, samples=None, states=None) -
     if states is None:
         dataset, pipeline, feed = Dataset.from_dict({"input_ids": samples}), "diffusion", contextlib.nullcontext()
     else:
-        DiffusionGemmaAdapter.prepare(model)  # the same tied modules, so Wanda prunes each weight once too
+        SharedWeights.prepare(model)  # the same tied modules, so Wanda prunes each weight once too
         dataset = Dataset.from_dict({"input_ids": [s.prefix.tolist() for s in states],
                                      "decoder_input_ids": [s.canvas.tolist() for s in states]})
         pipeline = "basic"
-        feed = SelfConditioningFeed(
+        feed = feeding_self_conditioning(
             model, lambda: states[active_session().state.current_batch_idx].self_conditioning)
     gc.collect()
     with PeakMemory() as memory, feed:
@@ -212,7 +214,7 @@ def measure_diffusion_gemma(model_path: Path, samples, steps: int, seed: int, re
     def theirs():
         return timed_diffusion_gemma(model_path, [WandaPruningModifier(
             sparsity=0.5, targets=["DiffusionGemmaDecoderTextLayer"],
-            ignore=["re:.*lm_head.*", "re:.*embed.*", "re:.*router.*", "re:.*vision.*"])], states=states)
+            ignore=never_pruned_ignore())], states=states)
 
     theirs()  # warm-up
     runs = {"ours": [], "theirs": []}

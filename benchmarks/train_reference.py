@@ -42,8 +42,10 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (benchmarks/ is not a package)
 
-from sink_modifier import bundled  # noqa: E402
-from sink_modifier.adapters import adapter_for  # noqa: E402
+from sink_modifier import (
+    bundled,  # noqa: E402
+    families,  # noqa: E402
+)
 from sink_modifier.evaluation import ar_perplexity, elbo_perplexity  # noqa: E402
 from sink_modifier.probe import AttentionProbe  # noqa: E402
 from sink_modifier.sampling import masked_diffusion_sample  # noqa: E402
@@ -279,10 +281,10 @@ def sink_statistics(model, tokenizer, samples: torch.Tensor) -> dict:
     (bidirectional) or H_T/T for position 0 (causal: early keys are seen by more queries).
     """
     model.eval()
-    adapter = adapter_for(model)
+    adapter = families.resolve(model)
     settings = TrajectorySettings()
     result = run_trajectory(model, adapter, list(samples), settings, progress=False)
-    report = result.report(settings, adapter)
+    report = result.report(settings, adapter.name)
     sink_tokens: dict[str, int] = {}
     bos_is_sink = 0
     for sample in result.samples:

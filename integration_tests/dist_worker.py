@@ -13,6 +13,8 @@ from llmcompressor import oneshot
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+import sink_modifier.modifier
+import sink_modifier.pipeline
 from sink_modifier import SinkAwarePruningModifier
 
 
@@ -24,6 +26,11 @@ def main(model_path: str, dataset_path: str, method: str, pipeline: str, output:
     # Each rank passes its own shard (llm-compressor 0.14's automatic split of a shared dataset hands every
     # rank the first shard; see docs/failure-modes.md).
     dataset = load_from_disk(dataset_path).shard(num_shards=dist.get_world_size(), index=rank, contiguous=True)
+    local_samples = []  # this rank's share of the calibration set, as its trajectory phase saw it
+    for module in (sink_modifier.modifier, sink_modifier.pipeline):
+        measure = module.run_trajectory
+        module.run_trajectory = lambda model, family, samples, *a, measure=measure, **k: (
+            local_samples.append(len(samples)) or measure(model, family, samples, *a, **k))
     oneshot(model=model, dataset=dataset, recipe=[modifier], pipeline=pipeline, shuffle_calibration_samples=False)
     report = modifier.report
     if rank == 0:
@@ -32,8 +39,7 @@ def main(model_path: str, dataset_path: str, method: str, pipeline: str, output:
         with open(os.path.join(output, "report.json"), "w") as f:
             json.dump(report, f)
     with open(os.path.join(output, f"rank{rank}.json"), "w") as f:
-        local_samples = len(modifier._trajectory.samples)  # this rank's share of the calibration set
-        json.dump({"local_samples": local_samples, "world_size": dist.get_world_size()}, f)
+        json.dump({"local_samples": sum(local_samples), "world_size": dist.get_world_size()}, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -18,7 +18,7 @@ from llmcompressor import oneshot
 from conftest import load_model
 from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.scales import SampleScales
-from sink_modifier.trajectory import sample_id
+from sink_modifier.seeding import content_id
 
 ROWS, SAMPLES, LEVELS, LENGTH = 300, 4, 3, 12
 
@@ -36,17 +36,17 @@ def test_exactly_num_calibration_samples(dlm_path, monkeypatch, pipeline, shuffl
     model = load_model(dlm_path)
     calls: Counter = Counter()
     fed: list[str] = []  # the clean rows the default pipeline fed to the input embedding while calibrating
-    calibrate, observe = SinkAwarePruningModifier.calibrate_module, SampleScales.observe
+    weigh, observe = SinkAwarePruningModifier._weighted_rows, SampleScales.observe
 
-    def counting(self, module, args, output):
+    def counting(self, module, inputs):
         calls[self._module_names[module]] += 1
-        return calibrate(self, module, args, output)
+        return weigh(self, module, inputs)
 
     def recording(self, batch_idx, input_ids):
-        fed.extend(sample_id(row) for row in input_ids)
+        fed.extend(content_id(row) for row in input_ids)
         return observe(self, batch_idx, input_ids)
 
-    monkeypatch.setattr(SinkAwarePruningModifier, "calibrate_module", counting)
+    monkeypatch.setattr(SinkAwarePruningModifier, "_weighted_rows", counting)
     monkeypatch.setattr(SampleScales, "observe", recording)
     modifier = SinkAwarePruningModifier(sparsity=0.5, noise_levels=LEVELS)
     oneshot(model=model, dataset=big_dataset(), recipe=[modifier], pipeline=pipeline,

@@ -13,8 +13,9 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from conftest import calibration_dataset
-from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.diffusion_gemma import DiffusionGemmaAdapter
+from sink_modifier import SinkAwarePruningModifier, families
+from sink_modifier.families.diffusion_gemma import DiffusionGemma
+from sink_modifier.families.diffusion_gemma_checkpoint import SharedWeights
 from sink_modifier.probe import AttentionProbe
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
@@ -49,7 +50,7 @@ def assert_2_of_4(weight: torch.Tensor, name: str):
 
 def test_sampler_states_follow_generate_and_are_reproducible(diffusion_gemma_path):
     model = load(diffusion_gemma_path)
-    adapter = DiffusionGemmaAdapter(model)
+    adapter = DiffusionGemma(model)
     tokens = torch.arange(10, 42)
     kwargs = dict(steps=6, blocks=2, prompt_fraction=0.5, temperature=0.0, seed=3)
     first = adapter.sampler_states(model, tokens, **kwargs)
@@ -69,9 +70,9 @@ def test_sampler_states_follow_generate_and_are_reproducible(diffusion_gemma_pat
     assert all(s.self_conditioning.shape == (8, model.config.text_config.hidden_size)
                for i, s in enumerate(first) if i not in starts)
     # recording does not disturb generation: the same seed outside the recorder gives the same tokens
-    from sink_modifier.adapters import sample_generator
+    from sink_modifier.seeding import content_generator
 
-    torch.manual_seed(sample_generator(tokens, 3).initial_seed())
+    torch.manual_seed(content_generator(tokens, 3).initial_seed())
     sequence = model.generate(tokens[None, :16], max_new_tokens=16, max_denoising_steps=3).sequences[0]
     last_block = [s for s in first if s.prefix_length == 24]
     assert torch.equal(sequence[:24], last_block[0].prefix)
@@ -80,7 +81,7 @@ def test_sampler_states_follow_generate_and_are_reproducible(diffusion_gemma_pat
 def test_decoder_masses_sit_at_absolute_positions(diffusion_gemma_path):
     """Sliding layers see only the last window - 1 prefix keys; the probe's mass equals eager attention's."""
     model = load(diffusion_gemma_path)
-    adapter = DiffusionGemmaAdapter(model)
+    adapter = DiffusionGemma(model)
     tokens = torch.arange(10, 50)  # prefix 32 > window 16
     (state,) = adapter.forward_noise_states(tokens, levels=1, eps=0.0, seed=0)
     probe = AttentionProbe(model, attention_modules=adapter.attention_modules(model))
@@ -190,11 +191,10 @@ def test_trajectory_buffers_stay_off_the_model_device(diffusion_gemma_path):
     """What grows with samples x steps (states, self-conditioning, scores, row scales) lives on the CPU,
     and self-conditioning is kept as [canvas, hidden] signals, never [canvas, vocabulary] logits."""
     model = load(diffusion_gemma_path)
-    adapter = DiffusionGemmaAdapter(model)
-    DiffusionGemmaAdapter.prepare(model)
+    SharedWeights.prepare(model)
     settings = TrajectorySettings(**SAMPLER)
     samples = [torch.arange(10, 42), torch.arange(50, 90)]
-    result = run_trajectory(model, adapter, samples, settings, progress=False)
+    result = run_trajectory(model, families.resolve(model), samples, settings, progress=False)
     hidden = model.config.text_config.hidden_size
     for sample in result.samples:
         for tensor in (sample.scores, sample.row_scales, sample.mean_row_scales):
@@ -222,7 +222,7 @@ def test_router_is_never_pruned(diffusion_gemma_path, tmp_path):
 
 def test_prefix_rows_count_once_per_block(diffusion_gemma_path):
     model = load(diffusion_gemma_path)
-    adapter = DiffusionGemmaAdapter(model)
+    adapter = DiffusionGemma(model)
     states = adapter.forward_noise_states(torch.arange(10, 40), levels=4, eps=0.0, seed=0)
     scales = torch.rand(1, 30)
     streams = adapter.stream_scales(states[0], scales)
@@ -310,15 +310,15 @@ def test_fused_checkpoints_stay_fused_when_saved(diffusion_gemma_path, tmp_path)
 
 def test_wrong_inputs_are_refused_with_what_to_change(diffusion_gemma_path, dlm_path):
     from conftest import load_model
-    from sink_modifier.adapters import AdapterError, adapter_for
+    from sink_modifier.families import FamilyError
 
     model = load(diffusion_gemma_path)
-    with pytest.raises(AdapterError, match="no prefix before a 8-token canvas"):
-        DiffusionGemmaAdapter(model).forward_noise_states(torch.arange(10, 18), levels=2, eps=0.0, seed=0)
-    with pytest.raises(AdapterError, match="uniform-token noise; set adapter: auto"):
-        adapter_for(model, family="masked")
-    with pytest.raises(AdapterError, match="needs a DiffusionGemma model"):
-        adapter_for(load_model(dlm_path), family="diffusion_gemma")
+    with pytest.raises(FamilyError, match="no prefix before a 8-token canvas"):
+        DiffusionGemma(model).forward_noise_states(torch.arange(10, 18), levels=2, eps=0.0, seed=0)
+    with pytest.raises(FamilyError, match="set family: auto or diffusion_gemma, not 'masked'"):
+        families.resolve(model, "masked")
+    with pytest.raises(FamilyError, match="family: diffusion_gemma is for .*DiffusionGemma, not Gemma3"):
+        families.resolve(load_model(dlm_path), "diffusion_gemma")
 
 
 def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
@@ -327,13 +327,13 @@ def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
     from sink_modifier.trajectory import analyse_sample, measure_states
 
     model = load(diffusion_gemma_path)
-    adapter = DiffusionGemmaAdapter(model)
+    adapter = DiffusionGemma(model)
     settings = TrajectorySettings(**SAMPLER)
     tokens = torch.arange(10, 50)  # prompt 20 > sliding window 16
     calls = {"encoder": 0, "decoder": 0}
     handles = [getattr(model.model, part).register_forward_hook(
         lambda *_, part=part: calls.__setitem__(part, calls[part] + 1)) for part in calls]
-    single = run_trajectory(model, adapter, [tokens], settings, progress=False).samples[0]
+    single = run_trajectory(model, families.resolve(model), [tokens], settings, progress=False).samples[0]
     for handle in handles:
         handle.remove()
     assert calls["decoder"] == len(single.states) and calls["encoder"] <= 2  # the prompt, then canvas 1
@@ -341,7 +341,7 @@ def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
                                     seed=0)
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(single.states, states, strict=True))
     with AttentionProbe(model, attention_modules=adapter.attention_modules(model)) as probe:
-        masses = measure_states(model, probe, adapter, states, 1, torch.device("cpu"))
+        masses = measure_states(model, probe, families.resolve(model), states, 1, torch.device("cpu"))
     expected = analyse_sample(tokens, states, masses, settings)
     torch.testing.assert_close(single.scores, expected.scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(single.row_scales, expected.row_scales, atol=1e-4, rtol=1e-4)

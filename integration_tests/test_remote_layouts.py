@@ -15,9 +15,9 @@ import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 
-from sink_modifier import SinkAwarePruningModifier, load_model, load_model_and_tokenizer
-from sink_modifier.adapters import AdapterError, adapter_for
+from sink_modifier import SinkAwarePruningModifier, families, load_model, load_model_and_tokenizer
 from sink_modifier.cli import main
+from sink_modifier.families import FamilyError
 from tests.layouts import build_tiny_dream, build_tiny_llada
 
 LAYOUTS = {
@@ -59,7 +59,7 @@ def check_checkpoint(out: Path, head: str, blocks: str, head_before: torch.Tenso
         else:
             assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
     report = json.loads((out / "sink_report.json").read_text())
-    assert report["adapter"] == "masked" and len(report["layers"]) == 2
+    assert report["family"] in {"masked", "dream"} and len(report["layers"]) == 2
     return reloaded
 
 
@@ -100,9 +100,10 @@ def test_cli_run(checkpoint, tmp_path, capsys):
 
 def test_masked_sampler_is_refused_for_dream(tmp_path):
     model = load_model(build_tiny_dream(tmp_path / "dream"), trust_remote_code=True, dtype="float32")
-    adapter = adapter_for(model)
-    with pytest.raises(AdapterError, match="shifts logits"):
-        adapter.sampler_states(model, torch.arange(1, 21), steps=4, blocks=1, prompt_fraction=0.5,
+    family = families.resolve(model)
+    assert family.name == "dream"
+    with pytest.raises(FamilyError, match="shifts logits"):
+        family.noise.sampler_states(model, torch.arange(1, 21), steps=4, blocks=1, prompt_fraction=0.5,
                                temperature=0.0, seed=0)
 
 

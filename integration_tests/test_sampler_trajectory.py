@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.adapters import AutoregressiveAdapter, MaskedDiffusionAdapter
+from sink_modifier.families import Family
+from sink_modifier.families.autoregressive import AutoregressiveControl
+from sink_modifier.families.masked import MaskedDiffusion
 from sink_modifier.probe import AttentionProbe
 from sink_modifier.sampling import masked_diffusion_sample
 from sink_modifier.toy import MASK_ID
@@ -23,7 +25,7 @@ SAMPLER = dict(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_f
 def test_masked_sampler_states_unmask_step_by_step(dlm_path):
     model = load_model(dlm_path)
     tokens = torch.arange(10, 42)
-    states = MaskedDiffusionAdapter(MASK_ID).sampler_states(
+    states = MaskedDiffusion(MASK_ID).sampler_states(
         model, tokens, steps=8, blocks=2, prompt_fraction=0.5, temperature=0.0, seed=0)
     assert len(states) == 8
     masked = [int((s.input_ids == MASK_ID).sum()) for s in states]
@@ -34,7 +36,7 @@ def test_masked_sampler_states_unmask_step_by_step(dlm_path):
 
 def test_sampler_trajectory_is_reproducible(dlm_path):
     model = load_model(dlm_path)
-    adapter = MaskedDiffusionAdapter(MASK_ID)
+    adapter = MaskedDiffusion(MASK_ID)
     tokens = torch.arange(10, 42)
     kwargs = dict(steps=8, blocks=2, prompt_fraction=0.5, temperature=0.7, seed=3)
     a = adapter.sampler_states(model, tokens, **kwargs)
@@ -69,7 +71,7 @@ def test_sampler_trajectory_through_oneshot(dlm_path, tmp_path, pipeline):
 def test_autoregressive_sampler_decodes_greedily(ar_path):
     model = load_model(ar_path)
     tokens = torch.arange(10, 30)
-    states = AutoregressiveAdapter().sampler_states(
+    states = AutoregressiveControl().sampler_states(
         model, tokens, steps=5, blocks=1, prompt_fraction=0.5, temperature=0.0, seed=0)
     assert [int(s.valid.sum()) for s in states] == [12, 14, 16, 18, 20]
     assert torch.equal(states[0].input_ids[:10], tokens[:10])
@@ -87,18 +89,18 @@ def test_sampler_steps_must_fill_blocks():
 def test_masked_sampler_is_measured_in_its_own_forwards(dlm_path):
     """One forward per state: the sampler's forwards are probed, and give what a second pass would."""
     model = load_model(dlm_path)
-    adapter = MaskedDiffusionAdapter(MASK_ID)
+    adapter = MaskedDiffusion(MASK_ID)
     settings = TrajectorySettings(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_fraction=0.5)
     tokens = torch.arange(10, 42)
     forwards = []
     handle = model.register_forward_hook(lambda *_: forwards.append(1))
-    single = run_trajectory(model, adapter, [tokens], settings, progress=False).samples[0]
+    single = run_trajectory(model, Family.of("masked", adapter), [tokens], settings, progress=False).samples[0]
     handle.remove()
     assert len(forwards) == len(single.states) == 8
     states = adapter.sampler_states(model, tokens, steps=8, blocks=2, prompt_fraction=0.5, temperature=0.0, seed=0)
     assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(single.states, states, strict=True))
     with AttentionProbe(model) as probe:
-        masses = measure_states(model, probe, adapter, states, 8, torch.device("cpu"))
+        masses = measure_states(model, probe, Family.of("masked", adapter), states, 8, torch.device("cpu"))
     expected = analyse_sample(tokens, states, masses, settings)
     torch.testing.assert_close(single.scores, expected.scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single.row_scales, expected.row_scales, atol=1e-5, rtol=1e-5)

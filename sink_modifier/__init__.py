@@ -7,7 +7,7 @@
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from sink_modifier.diffusion_gemma import prepare_model, register_checkpoint_conversion
+from sink_modifier.families.diffusion_gemma_checkpoint import prepare_model, register_checkpoint_conversion
 from sink_modifier.loading import load_model, load_model_and_tokenizer
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.pipeline import DiffusionPipeline

@@ -489,12 +489,12 @@ def load_model(
 def _pipeline_for(model, requested: str | None) -> str:
     """The default pipeline is llm-compressor's, except for DiffusionGemma, which calibrates only on its
     recorded denoising states (the diffusion pipeline); another explicit choice for it is an error."""
-    from sink_modifier.diffusion_gemma import is_diffusion_gemma
+    from sink_modifier import families
 
-    if not is_diffusion_gemma(model):
+    if not families.resolve(model).calibration.needs_state_pipeline:
         return requested or "independent"
     if requested not in (None, "diffusion"):
-        raise CLIError(f"DiffusionGemma calibrates on its own denoising states: use --pipeline diffusion "
+        raise CLIError(f"{type(model).__name__} calibrates on its own denoising states: use --pipeline diffusion "
                        f"(or leave it out), not {requested!r}")
     return "diffusion"
 
@@ -725,18 +725,18 @@ def measure_sinks(
     from compressed_tensors.utils import match_named_modules
     from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
-    from sink_modifier.adapters import adapter_for
+    from sink_modifier import families
     from sink_modifier.diagnostics import diagnose
     from sink_modifier.plots import SinkDynamics
     from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
     settings = TrajectorySettings(sink_scope="layer", trajectory=trajectory, noise_levels=noise_levels,
                                   sampler_steps=sampler_steps, seed=0 if seed is None else seed)
-    adapter = adapter_for(model)
+    family = families.resolve(model)
     tensors = [torch.tensor(s, dtype=torch.long) for s in samples]
-    result = run_trajectory(model, adapter, tensors, settings, progress=progress)
-    report = {"model": name, **result.report(settings, adapter)}
-    if diagnostic is not None and len(adapter.streams) == 1:
+    result = run_trajectory(model, family, tensors, settings, progress=progress)
+    report = {"model": name, **result.report(settings, family.name)}
+    if diagnostic is not None and not family.calibration.needs_state_pipeline:
         layers = dict(match_named_modules(model, infer_sequential_targets(model, None)))
         if len(layers) == len(result.layer_names):  # per-layer sinks weight their own layer's rows
             report["diagnostic"] = diagnose(model, result, layers, sparsity=diagnostic[0],
@@ -815,13 +815,13 @@ def _mask_structure(value: str) -> str:
 
 def _sink_rows(dynamics) -> list[list[str]]:
     """Per model: the paper's diagnostics averaged over layers and samples."""
-    rows = [["model", "adapter", "centroid temporal var", "dominant-sink var", "score temporal var",
+    rows = [["model", "family", "centroid temporal var", "dominant-sink var", "score temporal var",
              "Wanda decisions moved"]]
     for dyn in dynamics:
         centroid, dominant = (_layer_mean(dyn.report, key) for key in ("centroid_temporal_variance",
                                                                         "dominant_sink_variance"))
         moved = dyn.report.get("diagnostic", {}).get("moved_decisions")
-        rows.append([dyn.name, dyn.adapter, f"{centroid:.3g}", f"{dominant:.3g}",
+        rows.append([dyn.name, dyn.family, f"{centroid:.3g}", f"{dominant:.3g}",
                      f"{float(dyn.mean_temporal_variance.mean()):.3g}",
                      "n/a" if moved is None else f"{moved:.2%}"])
     return rows

@@ -209,22 +209,7 @@ def routed_experts_only() -> Iterator[None]:
         context._CALIBRATE_ALL_EXPERTS = previous
 
 
-def share_bookkeeping(engine, module_names: dict, module_sparsities: dict) -> None:
-    """Give a held Wanda/SparseGPT engine the modules and sparsities the modifier resolved.
-
-    llm-compressor 0.14's ``SparsityModifierBase`` keeps them in the private ``_module_names`` and
-    ``_module_sparsities``, which its ``compress_modules`` reads.
-    """
-    engine._module_names = module_names
-    engine._module_sparsities = module_sparsities
-
-
-def uncompressed_modules(engine) -> int:
-    """How many modules the engine calibrated but did not compress (llm-compressor 0.14: ``_num_samples``)."""
-    return len(engine._num_samples) if engine is not None else 0
-
-
-def reduce_statistics_across_ranks(engine, method: str) -> None:
+def reduce_statistics_across_ranks(engine) -> None:
     """Combine every rank's Wanda row statistics or SparseGPT Hessians into the all-data mean.
 
     llm-compressor 0.14 splits calibration data across ranks but its Wanda and SparseGPT modifiers never reduce
@@ -234,7 +219,7 @@ def reduce_statistics_across_ranks(engine, method: str) -> None:
     """
     import torch.distributed as dist
 
-    stats = engine._row_scalars if method == "wanda" else engine._hessians
+    stats = engine._row_scalars if hasattr(engine, "_row_scalars") else engine._hessians
     for module in list(engine._num_samples):
         count = torch.tensor(float(engine._num_samples[module]), device=stats[module].device)
         total = count.clone()
@@ -289,3 +274,26 @@ def editing_tqdm_bars(edit) -> Iterator[None]:
         yield
     finally:
         std.tqdm.__init__ = descriptor
+
+
+def name_or_path(config) -> str | None:
+    """Where a config was loaded from (transformers 5.17 keeps it in the private ``_name_or_path``)."""
+    return getattr(config, "_name_or_path", None) or None
+
+
+def load_only_weight_converter(name: str) -> type:
+    """A transformers ``WeightConverter`` whose reverse (applied when saving) is the identity.
+
+    transformers 5.17 reverses every load conversion in ``save_pretrained``; a converter that only repairs
+    checkpoints on load must save the model's native layout. The reverse keeps the original target patterns
+    (the private ``_original_target_patterns``) as both source and target.
+    """
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    def reverse_transform(self):
+        targets = list(self._original_target_patterns)
+        identity = WeightRenaming(source_patterns=targets, target_patterns=targets)
+        identity.scope_prefix, identity.base_model_prefix = self.scope_prefix, self.base_model_prefix
+        return identity
+
+    return type(name, (WeightConverter,), {"reverse_transform": reverse_transform, "__module__": __name__})

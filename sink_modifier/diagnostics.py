@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight
 
-from sink_modifier.adapters import base_model, no_cache_kwargs
+from sink_modifier.families import base_model, no_cache_kwargs
 from sink_modifier.trajectory import TrajectoryResult
 
 __all__ = ["diagnose", "moved_decisions", "verdict"]

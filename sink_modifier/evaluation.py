@@ -19,13 +19,14 @@ the text tokens and their perplexities are comparable (an AR model cannot score 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sink_modifier.seeding import content_generator
 
 __all__ = [
     "EvalMode", "EvalResult", "ar_perplexity", "elbo_perplexity", "model_bos_id", "noise_generator",
@@ -146,11 +147,7 @@ def token_nll(model: torch.nn.Module, batch: list[torch.Tensor], targets: list[t
 
 def noise_generator(seed: int, sample: int, sequences: list[torch.Tensor]) -> torch.Generator:
     """One generator per MC sample, keyed by the seed, the sample index and the tokens (not the model)."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(f"{seed}:{sample}:{len(sequences)}".encode())
-    for x in sequences:
-        digest.update(x.to(torch.int64).numpy().tobytes())
-    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & (2**63 - 1))
+    return content_generator(f"{seed}:{sample}:{len(sequences)}", *sequences)
 
 
 def noise_levels(shift: float, count: int) -> list[float]:
@@ -277,13 +274,14 @@ def perplexity(
     batch_size: int = 16,
 ) -> EvalResult:
     """ELBO perplexity for a masked DLM, ordinary perplexity for an AR model; the model's attention decides
-    (as ``adapters.adapter_for`` does)."""
-    from sink_modifier.adapters import MaskedDiffusionAdapter, adapter_for
+    (as ``families.resolve`` does)."""
+    from sink_modifier import families
+    from sink_modifier.families.masked import MaskedDiffusion
 
-    adapter = adapter_for(model, mask_token_id=mask_token_id)
-    if isinstance(adapter, MaskedDiffusionAdapter):
+    family = families.resolve(model, "auto", families.FamilyOptions(mask_token_id=mask_token_id))
+    if isinstance(family.noise, MaskedDiffusion):
         return elbo_perplexity(
-            model, texts_or_token_tensors, tokenizer=tokenizer, mask_token_id=adapter.mask_token_id,
+            model, texts_or_token_tensors, tokenizer=tokenizer, mask_token_id=family.noise.mask_token_id,
             num_mc_samples=num_mc_samples, seed=seed, max_length=max_length, batch_size=batch_size,
         )
     return ar_perplexity(model, texts_or_token_tensors, tokenizer=tokenizer, max_length=max_length,

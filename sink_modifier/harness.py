@@ -1,7 +1,7 @@
 """lm-evaluation-harness model ``diffusion_lm``: downstream tasks scored the way each family defines likelihood.
 
 lm-eval's ``hf`` model scores causal next-token likelihoods, which mean nothing for a bidirectional masked DLM.
-This model picks the scorer from the family (``adapters.adapter_for``):
+This model picks the scorer from the family (``families.resolve``):
 
 * masked DLMs: ``log p(continuation | context)`` is the masked-diffusion bound restricted to the continuation,
   ``E_t E_mask [1/t * sum_{i masked} log p(y_i | context, y_t)]``, ``t ~ U(0, 1)``, each continuation token
@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from loguru import logger
 from tqdm import tqdm
 
-from sink_modifier.adapters import AdapterError, AutoregressiveAdapter, MaskedDiffusionAdapter, adapter_for
+from sink_modifier import families
 from sink_modifier.evaluation import (
     EvalMode,
     ar_perplexity,
@@ -41,6 +41,8 @@ from sink_modifier.evaluation import (
     noise_levels,
     token_scores,
 )
+from sink_modifier.families.autoregressive import AutoregressiveControl
+from sink_modifier.families.masked import MaskedDiffusion, is_dream
 from sink_modifier.tasks import TASKS_DIR
 
 __all__ = ["DiffusionLM", "UnsupportedModel", "evaluate_tasks", "main", "task_manager"]
@@ -119,22 +121,19 @@ class DiffusionLM(TemplateLM):
         return size
 
     def _family(self, mask_token_id: int | None) -> tuple[str, int | None]:
-        from sink_modifier.diffusion_gemma import is_diffusion_gemma
-
         name = type(self.model).__name__
-        if is_diffusion_gemma(self.model):
-            return "diffusion_gemma", None
-        if str(getattr(self.model.config, "model_type", "")).lower().startswith("dream"):
+        if is_dream(self.model):
             raise UnsupportedModel(f"diffusion_lm cannot score {name}: Dream predicts each token from the "
                                    "previous position, which this scorer does not do")
         try:
-            adapter = adapter_for(self.model, mask_token_id=mask_token_id)
-        except AdapterError as error:
+            family = families.resolve(self.model, "auto", families.FamilyOptions(mask_token_id=mask_token_id))
+        except families.FamilyError as error:
             raise UnsupportedModel(f"diffusion_lm cannot score {name}: {error}") from error
-        if isinstance(adapter, MaskedDiffusionAdapter):
-            return "masked", adapter.mask_token_id
-        assert isinstance(adapter, AutoregressiveAdapter)
-        return "autoregressive", None
+        if isinstance(family.noise, MaskedDiffusion):
+            return "masked", family.noise.mask_token_id
+        if isinstance(family.noise, AutoregressiveControl):
+            return "autoregressive", None
+        return family.name, None  # scored by its own sampler's likelihood (DiffusionGemma)
 
     # ---- tokens --------------------------------------------------------------------------------------
 

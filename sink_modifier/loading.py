@@ -65,7 +65,7 @@ def _model_class(config, trust_remote_code: bool):
         # Dream's checkpoint maps only AutoModel; LLaDA's maps both.
         for auto in (AutoModelForCausalLM, AutoModel):
             if auto.__name__ in auto_map:
-                return auto, get_class_from_dynamic_module(auto_map[auto.__name__], config._name_or_path)
+                return auto, get_class_from_dynamic_module(auto_map[auto.__name__], compat.name_or_path(config))
     for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING), (AutoModel, MODEL_MAPPING)):
         if type(config) in mapping:
             return auto, mapping[type(config)]
@@ -139,7 +139,7 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
 
 
 def _probe_inputs(model: torch.nn.Module) -> dict:
-    from sink_modifier.diffusion_gemma import is_diffusion_gemma
+    from sink_modifier.families.diffusion_gemma_checkpoint import is_diffusion_gemma
 
     vocab = int(getattr(model.config.get_text_config(), "vocab_size", 16) or 16)
     ids = (torch.arange(8) * 7 + 5) % vocab

@@ -18,39 +18,41 @@ from llmcompressor.pipelines.sequential import SequentialPipeline
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch.utils.data import DataLoader
 
-from sink_modifier.adapters import DiffusionAdapter, adapter_for
+from sink_modifier import families
+from sink_modifier.calibration import SinkCalibration, active
 from sink_modifier.errors import UserError
-from sink_modifier.modifier import SinkAwarePruningModifier
-from sink_modifier.report import attach_report
+from sink_modifier.families import Family, FamilyOptions
+from sink_modifier.report import save_plan
 from sink_modifier.scales import StateScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
 
 __all__ = ["DiffusionPipeline", "state_dataloader"]
 
 
-def state_dataloader(result: TrajectoryResult, adapter: DiffusionAdapter) -> tuple[DataLoader, StateScales]:
+def state_dataloader(result: TrajectoryResult, family: Family) -> tuple[DataLoader, StateScales]:
     """One batch per state, in a fixed order, and the matching row scales [1, G, T] per batch and stream."""
+    layout = family.calibration
     batches, scales = [], []
     for sample in result.samples:
-        batches.extend(adapter.calibration_batches(sample.states))
+        batches.extend(layout.calibration_batches(sample.states))
         for state, state_scales in zip(sample.states, sample.row_scales, strict=True):
-            streams = adapter.stream_scales(state, state_scales)
+            streams = layout.stream_scales(state, state_scales)
             scales.append({stream: value.unsqueeze(0) for stream, value in streams.items()})
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     return loader, StateScales(scales)
 
 
-def _settings(modifiers: list[SinkAwarePruningModifier]) -> tuple[TrajectorySettings, dict]:
+def _recipe_settings(modifiers: list) -> tuple[TrajectorySettings, str, FamilyOptions]:
+    """The one trajectory and family every sink-aware modifier of the recipe asks for."""
     if not modifiers:
-        return TrajectorySettings(), {"family": "auto", "mask_token_id": None}
-    settings = [m.trajectory_settings() for m in modifiers]
-    if any(s != settings[0] for s in settings):
+        return TrajectorySettings(), "auto", FamilyOptions()
+    asked = [(m.trajectory_settings(), *m.family_selection()) for m in modifiers]
+    if any(entry != asked[0] for entry in asked):
         raise UserError(
             "The diffusion pipeline runs one trajectory for the whole recipe, but its "
-            "SinkAwarePruningModifiers ask for different trajectory or sink settings; make them equal"
+            "SinkAwarePruningModifiers ask for different trajectory, sink or family settings; make them equal"
         )
-    first = modifiers[0]
-    return settings[0], {"family": first.adapter, "mask_token_id": first.mask_token_id}
+    return asked[0]
 
 
 @CalibrationPipeline.register("diffusion")
@@ -59,17 +61,15 @@ class DiffusionPipeline(CalibrationPipeline):
     def __call__(model: torch.nn.Module, dataloader: DataLoader, dataset_args):
         if dataloader is None:
             raise UserError("The diffusion pipeline needs calibration data: pass a dataset to oneshot")
-        session = active_session()
-        modifiers = [
-            m for m in session.lifecycle.recipe.modifiers if isinstance(m, SinkAwarePruningModifier)
-        ]
-        settings, adapter_args = _settings(modifiers)
-        # The modifiers' own adapter: it tracks streams during calibration for their hooks.
-        adapter = modifiers[0].adapter_instance if modifiers else adapter_for(model, **adapter_args)
-        adapter.prepare(model)
+        recipe = active_session().lifecycle.recipe
+        # The sink-aware modifiers are the ones carrying trajectory settings.
+        modifiers = [m for m in recipe.modifiers if isinstance(m, TrajectorySettings)]
+        settings, family_name, options = _recipe_settings(modifiers)
+        family = families.resolve(model, family_name, options)
+        family.checkpoint.prepare(model)
         # A recipe without a SinkAwarePruningModifier still needs the family's save path (DiffusionGemma's
-        # shared modules); the modifier adds its report here when it finalizes.
-        attach_report(model, None, adapter=adapter)
+        # shared modules); the modifier adds its report when it finalizes.
+        save_plan(model, family.checkpoint)
         warn_if_ranks_share_data(dataloader)
         rows = list(calibration_rows(dataloader))
         if not rows or not any(valid.any() for _, valid in rows):
@@ -77,13 +77,12 @@ class DiffusionPipeline(CalibrationPipeline):
         targets = infer_sequential_targets(model, dataset_args.sequential_targets)
         layers = dict(match_named_modules(model, targets))
         samples = [row[valid] for row, valid in rows if valid.any()]
-        result = run_trajectory(model, adapter, samples, settings, layers=layers)
-        states, scales = state_dataloader(result, adapter)
-        for modifier in modifiers:
-            modifier.use_trajectory(result, scales, adapter)
+        result = run_trajectory(model, family, samples, settings, layers=layers)
+        states, scales = state_dataloader(result, family)
         all_states = [state for sample in result.samples for state in sample.states]
-        with adapter.calibrating(model, all_states):
-            if len(adapter.streams) > 1:
+        calibration = SinkCalibration(family, settings, scales, result)
+        with active(calibration), calibration.feeding(model, all_states):
+            if family.calibration.needs_state_pipeline:
                 # Weights shared by several streams (DiffusionGemma's encoder and decoder) are called from
                 # several layers of one forward; llm-compressor's layer-by-layer pipeline would compress them
                 # after the first, so every module is calibrated over whole forwards and compressed at the end.

@@ -46,7 +46,7 @@ class SinkDynamics:
     """One model's trajectory, reduced to what the pictures and the HTML table need (numpy, CPU)."""
 
     name: str
-    adapter: str
+    family: str
     trajectory: str
     layers: list[str]
     scores: np.ndarray  # [S, G, T] pictured sample, states in denoising order, NaN where a position is absent
@@ -69,26 +69,27 @@ class SinkDynamics:
             per_sample.append(_mean_over_positions(var, valid))
         sample = result.samples[sample_index]
         valid = torch.stack([s.valid for s in sample.states])
-        order, labels = _denoising_order(report["adapter"], sample.states)
+        order, labels = _denoising_order(sample.states)
         scores = sample.scores.double().numpy().copy()
         scores[~valid.unsqueeze(1).expand_as(sample.scores).numpy()] = np.nan
         _, var = statistics.temporal_stats(sample.scores, valid)
         groups = report.get("groups") or result.layer_names
         return cls(
-            name=name, adapter=report["adapter"], trajectory=report.get("trajectory", "forward_noise"),
+            name=name, family=report.get("family", report.get("adapter")),
+            trajectory=report.get("trajectory", "forward_noise"),
             layers=list(groups), scores=scores[order], step_labels=labels,
             temporal_variance=var.double().numpy(), mean_temporal_variance=np.stack(per_sample),
             sample_index=sample_index, report=report,
         )
 
 
-def _denoising_order(adapter: str, states) -> tuple[list[int], list[str]]:
-    """States in the order the model denoises: a masked DLM starts fully masked (t = 1), an AR model decodes
-    its prefix left to right, so step 1 is the first row of every heatmap in both cases."""
-    if adapter == "masked":
-        order = sorted(range(len(states)), key=lambda i: -states[i].noise_level)
+def _denoising_order(states) -> tuple[list[int], list[str]]:
+    """States in the order the model denoises (noise level falling from 1 in every family), so step 1 is the
+    first row of every heatmap. Labelled by noise level, or by tokens decoded when states differ in length (the
+    autoregressive control's prefixes)."""
+    order = sorted(range(len(states)), key=lambda i: -states[i].noise_level)
+    if len({int(state.valid.sum()) for state in states}) == 1:
         return order, [f"{j + 1} (t={states[i].noise_level:.2f})" for j, i in enumerate(order)]
-    order = list(range(len(states)))
     return order, [f"{j + 1} ({int(states[i].valid.sum())} tok)" for j, i in enumerate(order)]
 
 
@@ -134,7 +135,7 @@ def plot_heatmaps(dyn: SinkDynamics, path: str | Path) -> Path:
     colorbar = fig.colorbar(image, ax=list(axes[:groups]), shrink=0.9, pad=0.02)
     colorbar.set_label("sink score (0 = ordinary token, 1 = sink)")
     fig.suptitle(
-        f"Sink score per layer: {dyn.name}\n{dyn.trajectory} trajectory, {dyn.adapter} adapter, "
+        f"Sink score per layer: {dyn.name}\n{dyn.trajectory} trajectory, {dyn.family} family, "
         f"sample {dyn.sample_index} ({length} tokens" + ("; grey = not decoded yet)" if absent else ")"),
         fontsize=12,
     )
@@ -157,7 +158,7 @@ def plot_side_by_side(dynamics: list[SinkDynamics], path: str | Path, layer: int
         num_states, _, length = dyn.scores.shape
         image = ax.imshow(np.ma.masked_invalid(dyn.scores[:, layer, :]), aspect="auto", interpolation="nearest",
                           cmap=_cmap("magma"), vmin=0.0, vmax=1.0)
-        ax.set_title(f"{dyn.name} ({dyn.adapter}), {short_layer_name(dyn.layers[layer])}", fontsize=11)
+        ax.set_title(f"{dyn.name} ({dyn.family}), {short_layer_name(dyn.layers[layer])}", fontsize=11)
         ax.set_xlabel("token position")
         ax.set_ylabel("denoising step")
         ax.set_yticks(_ticks(num_states, 12))
@@ -187,7 +188,7 @@ def plot_temporal_variance(dynamics: list[SinkDynamics], path: str | Path) -> Pa
         ax.set_yticklabels([short_layer_name(x) for x in dyn.layers], fontsize=8)
         ax.set_xticks(_ticks(dyn.temporal_variance.shape[1]))
         ax.set_xlabel("token position")
-        ax.set_title(f"{dyn.name} ({dyn.adapter}), sample {dyn.sample_index}", fontsize=10)
+        ax.set_title(f"{dyn.name} ({dyn.family}), sample {dyn.sample_index}", fontsize=10)
     colorbar = fig.colorbar(image, ax=[fig.axes[i] for i in range(n)], pad=0.02)
     colorbar.set_label("Var over steps of sink score")
     bars = fig.add_subplot(grid[:, 1])
@@ -197,7 +198,7 @@ def plot_temporal_variance(dynamics: list[SinkDynamics], path: str | Path) -> Pa
         values = dyn.mean_temporal_variance
         bars.bar(x[: values.shape[1]] + (i - (n - 1) / 2) * width, values.mean(0), width,
                  yerr=_error_bars(values.mean(0), values.std(0)) if values.shape[0] > 1 else None, capsize=3,
-                 color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.adapter})")
+                 color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.family})")
     bars.set_xticks(x)
     bars.set_xticklabels([short_layer_name(name) for name in dynamics[0].layers], rotation=_rotation(groups))
     bars.set_ylabel("mean over positions of Var over steps")
@@ -221,7 +222,7 @@ def plot_layer_statistics(dynamics: list[SinkDynamics], path: str | Path) -> Pat
             mean, std = np.asarray(stats["mean"]), np.asarray(stats["std"])
             bars = ax.bar(x[: len(mean)] + (i - (n - 1) / 2) * width, mean, width, yerr=_error_bars(mean, std),
                           capsize=3,
-                          color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.adapter})")
+                          color=_COLORS[i % len(_COLORS)], label=f"{dyn.name} ({dyn.family})")
             if groups * n <= 16:
                 ax.bar_label(bars, labels=[_fmt(float(v)) for v in mean], fontsize=7, padding=2)
         ax.set_xticks(x)
@@ -231,7 +232,7 @@ def plot_layer_statistics(dynamics: list[SinkDynamics], path: str | Path) -> Pat
         ax.margins(y=0.12)
         ax.set_ylim(bottom=0)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=n, fontsize=9)
-    kinds = " vs ".join(f"{d.name} ({d.adapter})" for d in dynamics)
+    kinds = " vs ".join(f"{d.name} ({d.family})" for d in dynamics)
     fig.suptitle(f"Sink statistics per layer: {kinds}", fontsize=12)
     return _save(fig, path)
 
@@ -292,12 +293,12 @@ def write_html(
     title = title or "Sink dynamics: " + " vs ".join(d.name for d in dynamics)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{esc(title)}</h1>"]
-    parts.append("<table><tr><th class='l'>model</th><th class='l'>adapter</th><th class='l'>trajectory</th>"
+    parts.append("<table><tr><th class='l'>model</th><th class='l'>family</th><th class='l'>trajectory</th>"
                  "<th>samples</th><th>states</th><th>layers</th><th class='l'>sink scope</th></tr>")
     for dyn in dynamics:
         r = dyn.report
         parts.append(
-            f"<tr><td class='l'>{esc(dyn.name)}</td><td class='l'>{esc(dyn.adapter)}</td>"
+            f"<tr><td class='l'>{esc(dyn.name)}</td><td class='l'>{esc(dyn.family)}</td>"
             f"<td class='l'>{esc(dyn.trajectory)}</td><td>{r['num_samples']}</td><td>{r['num_states']}</td>"
             f"<td>{len(r['layers'])}</td><td class='l'>{esc(str(r['settings'].get('sink_scope')))}</td></tr>")
     parts.append("</table>")

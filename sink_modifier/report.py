@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sink_modifier import compat
+from sink_modifier.families import CheckpointHooks
 from sink_modifier.publish import staged
 
 REPORT_NAME = "sink_report.json"
@@ -31,29 +34,43 @@ def write_report(report: dict, directory: str | Path) -> Path:
     return path
 
 
-def attach_report(model: torch.nn.Module, report: dict | None, adapter=None) -> None:
-    """Make ``model.save_pretrained(dir)`` stage the checkpoint plus ``report`` (if any), then publish it.
+@dataclass
+class SavePlan:
+    """What the next ``save_pretrained`` of a model writes besides the weights: its family's checkpoint hooks
+    and the sink report. The modifier and the pipeline fill it in; the save wrapper reads only this."""
 
-    ``adapter`` (a model family's adapter) wraps the save in its ``saving`` context and edits the staged
-    directory with ``finish_checkpoint`` before it is published.
-    """
-    model._sink_report = report
-    model._sink_adapter = adapter
-    if getattr(model, "_sink_save_wrapped", False):
-        return  # already wrapped; the wrapper reads the latest report and adapter
-    model._sink_save_wrapped = True
+    checkpoint: CheckpointHooks | None = None
+    report: dict | None = None
+
+
+_PLANS: weakref.WeakKeyDictionary[torch.nn.Module, SavePlan] = weakref.WeakKeyDictionary()
+
+
+def save_plan(model: torch.nn.Module, checkpoint: CheckpointHooks | None = None) -> SavePlan:
+    """The model's save plan; the first call makes ``model.save_pretrained(dir)`` stage the checkpoint (inside
+    the family's ``saving`` context, edited by its ``finish_checkpoint``) plus the report, then publish it."""
+    plan = _PLANS.get(model)
+    if plan is None:
+        plan = _PLANS[model] = SavePlan()
+        _wrap_save_pretrained(model, plan)
+    if checkpoint is not None:
+        plan.checkpoint = checkpoint
+    return plan
+
+
+def _wrap_save_pretrained(model: torch.nn.Module, plan: SavePlan) -> None:
     original = model.save_pretrained
 
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
         with staged(save_directory, existing="merge") as staging:
-            adapter = model._sink_adapter
-            with adapter.saving(model) if adapter is not None else contextlib.nullcontext():
+            hooks = plan.checkpoint
+            with hooks.saving(model) if hooks is not None else contextlib.nullcontext():
                 result = original(str(staging), *args, **kwargs)
-            if adapter is not None:
-                adapter.finish_checkpoint(model, staging)
-            if model._sink_report is not None:
-                write_report(model._sink_report, staging)
+            if hooks is not None:
+                hooks.finish_checkpoint(model, staging)
+            if plan.report is not None:
+                write_report(plan.report, staging)
         return result
 
     compat.replace_save_pretrained(model, save_pretrained)

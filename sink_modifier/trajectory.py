@@ -1,6 +1,6 @@
 """Trajectory phase: run the dense model over each sample's denoising states and measure its sinks.
 
-For every calibration sample the adapter produces K states; one batched forward with the attention probe gives
+For every calibration sample its family produces K states; one batched forward with the attention probe gives
 the attention mass every key receives in every layer; ``statistics`` turns that into sink scores, their
 temporal behaviour and the per-token row scales the pruning phase applies. Only token ids, row scales and small
 per-sample summaries are kept (all on CPU): attention masses are reduced as soon as a sample is done.
@@ -8,7 +8,6 @@ per-sample summaries are kept (all on CPU): attention masses are reduced as soon
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,10 +19,11 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
-from sink_modifier.adapters import DenoisingState, DiffusionAdapter
 from sink_modifier.compat import routed_experts_only
 from sink_modifier.errors import UserError
+from sink_modifier.families import DenoisingState, Family
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
+from sink_modifier.seeding import content_id
 
 
 class TrajectorySettings(BaseModel):
@@ -59,11 +59,6 @@ class TrajectorySettings(BaseModel):
         return self
 
 
-def sample_id(tokens: torch.Tensor) -> str:
-    """A short content hash of a clean sample: names it in the report whatever order it was calibrated in."""
-    return hashlib.blake2b(tokens.to(torch.int64).cpu().numpy().tobytes(), digest_size=8).hexdigest()
-
-
 @dataclass
 class SampleTrajectory:
     """One calibration sample after the trajectory phase (CPU tensors)."""
@@ -82,12 +77,12 @@ class TrajectoryResult:
     layer_names: list[str] = field(default_factory=list)  # attention layers whose sinks weight the rows
     reported_layer_names: list[str] = field(default_factory=list)  # recorded and reported only
 
-    def report(self, settings: TrajectorySettings, adapter: DiffusionAdapter) -> dict:
+    def report(self, settings: TrajectorySettings, family: str) -> dict:
         """The content of ``sink_report.json`` (over every rank's samples under torch.distributed)."""
         entries = [
             (
-                sample_id(s.tokens),
-                {"id": sample_id(s.tokens), "length": int(s.tokens.numel()),
+                content_id(s.tokens),
+                {"id": content_id(s.tokens), "length": int(s.tokens.numel()),
                  "noise_levels": [st.noise_level for st in s.states], **s.summary.to_dict()},
                 s.summary,
             )
@@ -102,7 +97,8 @@ class TrajectoryResult:
         samples = [entry[1] for entry in entries]
         summaries = [entry[2] for entry in entries]
         return {
-            "adapter": adapter.name,
+            "family": family,
+            "adapter": family,  # the name before 0.2, kept for readers of older reports
             "trajectory": settings.trajectory,
             "settings": settings.model_dump(),
             "num_samples": len(samples),
@@ -132,12 +128,12 @@ def _execution_device(model: torch.nn.Module) -> torch.device:
 
 
 def measure_states(
-    model: torch.nn.Module, probe: AttentionProbe, adapter: DiffusionAdapter,
+    model: torch.nn.Module, probe: AttentionProbe, family: Family,
     states: list[DenoisingState], batch_size: int, device: torch.device,
 ) -> dict[str | None, torch.Tensor]:
-    """The adapter's attention masses [S, L, T] per stream of records, checked for overflow."""
-    masses = adapter.measure(model, probe, states, batch_size, device)
-    layer_names = adapter.split_layers(list(probe.layer_names))  # one list per stream, in order
+    """The family's attention masses [S, L, T] per stream of records, checked for overflow."""
+    masses = family.attention.measure(model, probe, states, batch_size, device)
+    layer_names = family.attention.split_layers(list(probe.layer_names))  # one list per stream, in order
     for mass, names in zip(masses.values(), layer_names, strict=False):
         if not torch.isfinite(mass).all():
             bad = [names[i] for i in torch.nonzero(~torch.isfinite(mass).all(0).all(-1))[:, 0]]
@@ -230,20 +226,20 @@ def _checked(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _states(
-    model: torch.nn.Module, adapter: DiffusionAdapter, tokens: torch.Tensor, settings: TrajectorySettings,
+    model: torch.nn.Module, family: Family, tokens: torch.Tensor, settings: TrajectorySettings,
 ) -> list[DenoisingState]:
     if settings.trajectory == "sampler":
-        return adapter.sampler_states(
+        return family.noise.sampler_states(
             model, tokens, steps=settings.sampler_steps, blocks=settings.sampler_blocks,
             prompt_fraction=settings.prompt_fraction, temperature=settings.sampler_temperature,
             seed=settings.seed,
         )
-    return adapter.forward_noise_states(tokens, levels=settings.noise_levels, eps=settings.noise_eps,
+    return family.noise.forward_noise_states(tokens, levels=settings.noise_levels, eps=settings.noise_eps,
                                         seed=settings.seed)
 
 
 def run_trajectory(
-    model: torch.nn.Module, adapter: DiffusionAdapter, samples: Iterable[torch.Tensor],
+    model: torch.nn.Module, family: Family, samples: Iterable[torch.Tensor],
     settings: TrajectorySettings, *, layers: dict[str, torch.nn.Module] | None = None, progress: bool = True,
 ) -> TrajectoryResult:
     """The trajectory phase over clean, unpadded samples (each a 1-D tensor of token ids).
@@ -259,26 +255,27 @@ def run_trajectory(
     try:
         device = _execution_device(model)
         samples = [_checked(tokens) for tokens in samples]
-        single_pass = settings.trajectory == "sampler" and adapter.measures_while_sampling
+        single_pass = settings.trajectory == "sampler" and family.attention.measures_while_sampling
         # Other samplers (the autoregressive control's KV-cached decoding) run before the probe is installed,
         # and each recorded state is measured by a forward of its own.
         with routed_experts_only():
-            sample_states = [] if single_pass else [(t, _states(model, adapter, t, settings)) for t in samples]
-        attention_modules = adapter.attention_modules(model)
+            sample_states = [] if single_pass else [(t, _states(model, family, t, settings)) for t in samples]
+        attention_modules = family.attention.attention_modules(model)
         if attention_modules is None and not discover_attention_modules(model) and layers:
             attention_modules = layers
         probe = AttentionProbe(model, query_chunk_size=settings.query_chunk_size,
                                attention_modules=attention_modules)
         with probe, routed_experts_only():
-            result.layer_names, result.reported_layer_names = adapter.split_layers(list(probe.layer_names))
+            names = list(probe.layer_names)
+            result.layer_names, result.reported_layer_names = family.attention.split_layers(names)
             for index in tqdm(range(len(samples)), desc="Sink trajectory", disable=not progress, unit="sample"):
                 if single_pass:
                     tokens = samples[index]
-                    states, masses = adapter.measure_while_sampling(
-                        model, probe, lambda tokens=tokens: _states(model, adapter, tokens, settings))
+                    states, masses = family.attention.measure_while_sampling(
+                        model, probe, lambda tokens=tokens: _states(model, family, tokens, settings))
                 else:
                     tokens, states = sample_states[index]
-                    masses = measure_states(model, probe, adapter, states, settings.trajectory_batch_size, device)
+                    masses = measure_states(model, probe, family, states, settings.trajectory_batch_size, device)
                 result.samples.append(analyse_sample(tokens, states, masses, settings))
     finally:
         model.train(was_training)

@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sink_modifier import bundled
-from sink_modifier.adapters import AutoregressiveAdapter, MaskedDiffusionAdapter, adapter_for
+from sink_modifier import bundled, families
 from sink_modifier.bundled import bundled_model_path, eval_slice_path, load_eval_slice
 from sink_modifier.evaluation import ar_perplexity, elbo_perplexity, perplexity
 from sink_modifier.sampling import masked_diffusion_sample
@@ -72,8 +71,8 @@ def test_twins_share_config_and_tokenizer(dlm, ar, tokenizer) -> None:
     assert all(p.dtype == torch.float32 for p in dlm.parameters())
     for size in (dlm.config.hidden_size, dlm.config.intermediate_size):
         assert size % 128 == 0  # W4A16 group size
-    assert isinstance(adapter_for(dlm), MaskedDiffusionAdapter)
-    assert isinstance(adapter_for(ar), AutoregressiveAdapter)
+    assert families.resolve(dlm).name == "masked"
+    assert families.resolve(ar).name == "autoregressive"
 
 
 def test_dlm_elbo_on_the_eval_slice_is_unchanged(dlm, tokenizer) -> None:

@@ -97,7 +97,7 @@ def test_run_writes_a_complete_checkpoint(capsys, dlm_path, text_file, tmp_path)
                if isinstance(m, torch.nn.Linear) and ".layers." in name]
     assert weights and all((w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02) for w in weights)
     report = json.loads((output / "sink_report.json").read_text())
-    assert report["adapter"] == "masked" and report["num_samples"] == 2
+    assert report["family"] == "masked" and report["num_samples"] == 2
 
 
 def test_run_refuses_a_non_empty_output(capsys, dlm_path, text_file, tmp_path):
@@ -209,7 +209,7 @@ def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
         [*PICTURES, "report.html", "sink_report.json", "sink_report_compare.json", MANIFEST])
     dlm = json.loads((output / "sink_report.json").read_text())
     ar = json.loads((output / "sink_report_compare.json").read_text())
-    assert (dlm["adapter"], ar["adapter"]) == ("masked", "autoregressive")
+    assert (dlm["family"], ar["family"]) == ("masked", "autoregressive")
     assert dlm["settings"]["sink_scope"] == "layer" and dlm["groups"] == dlm["layers"] and len(dlm["layers"]) == 2
     assert dlm["num_states"] == 2 * 4 and dlm["model"] == str(dlm_path)
     # the paper's contrast, visible even on random toy weights: the AR sink stays on the first token

@@ -86,7 +86,7 @@ def test_reduce_statistics_across_ranks_is_the_count_weighted_mean(monkeypatch):
         tensor += other["weighted"] if tensor.numel() == 2 else other["count"]
 
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
-    compat.reduce_statistics_across_ranks(engine, "wanda")
+    compat.reduce_statistics_across_ranks(engine)
     assert torch.allclose(engine._row_scalars[module], torch.tensor([(2 * 1 + 6 * 5) / 8, (2 * 3 + 6 * 5) / 8]))
     assert engine._num_samples[module] == 8
 
@@ -130,12 +130,61 @@ UPSTREAM_INTERNALS = [
 
 def test_upstream_internals_are_touched_in_compat_only():
     import re
-    from pathlib import Path
 
     pattern = re.compile("|".join(UPSTREAM_INTERNALS))
-    package = Path(__file__).resolve().parents[1] / "sink_modifier"
     offenders = [f"{path.name}:{number}: {line.strip()}"
-                 for path in sorted(package.glob("*.py")) if path.name != "compat.py"
+                 for path in _package_modules() if path.name != "compat.py"
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if pattern.search(line) and not line.lstrip().startswith("#")]
+    assert not offenders, "\n".join(offenders)
+
+
+def _package_modules():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "sink_modifier"
+    return sorted(p for p in package.rglob("*.py") if "bundled" not in p.parts)
+
+
+def test_private_attributes_of_other_libraries_are_read_in_compat_only():
+    """Every ``x._name`` outside compat.py names something this package defines itself.
+
+    A private attribute the package never defines belongs to llm-compressor, transformers, compressed-tensors
+    or torch (including one reached through ``self`` in a subclass of theirs): reading it elsewhere would break
+    silently on their next release, so it must go through a function in compat.py.
+    """
+    import ast
+
+    trees = {path: ast.parse(path.read_text()) for path in _package_modules()}
+    ours = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                ours.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for leaf in ast.walk(target):
+                        if isinstance(leaf, ast.Name):
+                            ours.add(leaf.id)
+                        elif isinstance(leaf, ast.Attribute) and isinstance(leaf.value, ast.Name) \
+                                and leaf.value.id in ("self", "cls"):
+                            ours.add(leaf.attr)
+            elif isinstance(node, ast.alias):
+                ours.add(node.asname or node.name.rpartition(".")[2])
+    offenders = [
+        f"{path.name}:{node.lineno}: .{node.attr}"
+        for path, tree in trees.items() if path.name != "compat.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and node.attr not in ours
+    ] + [
+        f"{path.name}:{node.lineno}: {node.func.id}(..., {node.args[1].value!r})"
+        for path, tree in trees.items() if path.name != "compat.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) > 1
+        and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+        and node.args[1].value.startswith("_") and not node.args[1].value.startswith("__")
+        and node.args[1].value not in ours
+    ]
     assert not offenders, "\n".join(offenders)

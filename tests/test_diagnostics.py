@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from sink_modifier.adapters import DenoisingState, adapter_for
+from sink_modifier import families
 from sink_modifier.diagnostics import diagnose, moved_decisions, verdict
+from sink_modifier.families import DenoisingState
 from sink_modifier.statistics import SinkSummary
 from sink_modifier.trajectory import SampleTrajectory, TrajectoryResult, TrajectorySettings, run_trajectory
 
@@ -77,7 +78,8 @@ def test_bundled_dlm_moves_few_decisions():
     model, tokenizer = load_model_and_tokenizer(bundled_model_path("dlm"), dtype="float32")
     texts = load_eval_slice()[:4]
     samples = [torch.tensor(tokenizer(t, truncation=True, max_length=96)["input_ids"]) for t in texts]
-    result = run_trajectory(model, adapter_for(model), samples, TrajectorySettings(noise_levels=4), progress=False)
+    settings = TrajectorySettings(noise_levels=4)
+    result = run_trajectory(model, families.resolve(model), samples, settings, progress=False)
     layers = {f"model.layers.{i}": layer for i, layer in enumerate(model.model.layers)}
     found = diagnose(model, result, layers, sparsity=0.5)
     assert 0 < found["moved_decisions"] < 0.02, found["moved_decisions"]

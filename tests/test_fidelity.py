@@ -16,12 +16,28 @@ from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModif
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.adapters import MaskedDiffusionAdapter
+from sink_modifier.calibration import SinkCalibration
+from sink_modifier.engines import ENGINES
+from sink_modifier.families import Family
+from sink_modifier.families.masked import MaskedDiffusion
 from sink_modifier.scales import StateScales
 from sink_modifier.toy import MASK_ID
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
 ALPHA, K = 5.0, 2.0
+MASKED = Family.of("masked", MaskedDiffusion(MASK_ID))
+
+
+def wired_engine(modifier, method: str, linear, scales: torch.Tensor):
+    """llm-compressor's engine, fed through the modifier's row weighting with ``scales`` [B, G, T] as batch 0."""
+    session = active_session()
+    session.reset()
+    modifier._module_names[linear] = "down_proj"
+    modifier._calibration = SinkCalibration(MASKED, TrajectorySettings(), StateScales([{None: scales}]))
+    engine = ENGINES[method](sparsity=0.5)
+    engine.weigh_rows_with(modifier._weighted_rows)
+    session.state.current_batch_idx = 0
+    return engine
 
 
 @torch.no_grad()
@@ -42,8 +58,7 @@ def test_trajectory_matches_hand_computed_reference(dlm_path):
     model = load_model(dlm_path)
     tokens = torch.tensor([2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 1])
     settings = TrajectorySettings(noise_levels=4, sink_sharpness=ALPHA, sink_threshold_std=K, query_chunk_size=5)
-    adapter = MaskedDiffusionAdapter(MASK_ID)
-    (sample,) = run_trajectory(model, adapter, [tokens], settings, progress=False).samples
+    (sample,) = run_trajectory(model, MASKED, [tokens], settings, progress=False).samples
     expected = hand_row_scales(model, sample.states)
     assert sample.row_scales.shape == (4, 1, tokens.numel())
     torch.testing.assert_close(sample.row_scales[:, 0].double(), expected, atol=1e-5, rtol=0)
@@ -60,23 +75,17 @@ def test_rows_are_weighted_by_their_row_scale(dlm_path, method):
     layer = model.model.layers[0]
     linear = layer.mlp.down_proj
     modifier = SinkAwarePruningModifier(method=method, targets=["Gemma3DecoderLayer"])
-    session = active_session()
-    session.reset()
-    session.state.model = model
-    modifier._engine = (WandaPruningModifier if method == "wanda" else SparseGPTModifier)(sparsity=0.5)
-    modifier._module_names[linear] = "down_proj"
     torch.manual_seed(0)
     x = torch.randn(1, 6, linear.in_features)
     r = torch.tensor([[[1.0, 0.5, 0.0, 0.25, 1.0, 0.75]]])  # [B, G, T]
-    modifier.use_trajectory(result=None, scales=StateScales([{None: r}]), adapter=MaskedDiffusionAdapter(MASK_ID))
-    session.state.current_batch_idx = 0
-    modifier.calibrate_module(linear, (x,), None)
+    engine = wired_engine(modifier, method, linear, r)
+    engine.calibrate_module(linear, (x,), None)
     weighted = (x[0] * r[0, 0, :, None]).double()
     if method == "wanda":
-        torch.testing.assert_close(modifier._engine._row_scalars[linear].double(), (weighted**2).sum(0),
+        torch.testing.assert_close(engine._row_scalars[linear].double(), (weighted**2).sum(0),
                                    atol=1e-6, rtol=1e-5)
     else:
-        torch.testing.assert_close(modifier._engine._hessians[linear].double(), 2 * weighted.T @ weighted,
+        torch.testing.assert_close(engine._hessians[linear].double(), 2 * weighted.T @ weighted,
                                    atol=1e-4, rtol=1e-5)
 
 
@@ -119,19 +128,13 @@ def test_two_dimensional_rows_need_the_all_experts_flag(dlm_path):
     model = load_model(dlm_path)
     linear = model.model.layers[0].mlp.down_proj
     modifier = SinkAwarePruningModifier(targets=["Gemma3DecoderLayer"])
-    session = active_session()
-    session.reset()
-    session.state.model = model
-    modifier._engine = WandaPruningModifier(sparsity=0.5)
-    modifier._module_names[linear] = "down_proj"
     r = torch.tensor([[[1.0, 0.5, 0.0, 0.25, 1.0, 0.75]]])
-    modifier.use_trajectory(result=None, scales=StateScales([{None: r}]), adapter=MaskedDiffusionAdapter(MASK_ID))
-    session.state.current_batch_idx = 0
+    engine = wired_engine(modifier, "wanda", linear, r)
     rows = torch.randn(6, linear.in_features)
     with pytest.raises(ValueError, match="moe_calibrate_all_experts=True"):
-        modifier.calibrate_module(linear, (rows,), None)
+        engine.calibrate_module(linear, (rows,), None)
     with moe_calibration_context():
-        modifier.calibrate_module(linear, (rows,), None)
+        engine.calibrate_module(linear, (rows,), None)
     weighted = (rows * r[0, 0, :, None]).double()
-    torch.testing.assert_close(modifier._engine._row_scalars[linear].double(), (weighted**2).sum(0),
+    torch.testing.assert_close(engine._row_scalars[linear].double(), (weighted**2).sum(0),
                                atol=1e-6, rtol=1e-5)

@@ -14,11 +14,14 @@ from llmcompressor.recipe import Recipe
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.adapters import MaskedDiffusionAdapter
+from sink_modifier.families import Family
+from sink_modifier.families.masked import MaskedDiffusion
 from sink_modifier.publish import MANIFEST, _umask, read_manifest
-from sink_modifier.report import attach_report
+from sink_modifier.report import save_plan
 from sink_modifier.toy import MASK_ID
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+
+MASKED = Family.of("masked", MaskedDiffusion(MASK_ID))
 
 
 def pruned(path, seed=0, pipeline="independent"):
@@ -48,7 +51,7 @@ class DiesWhileSaving(torch.nn.Module):
 
 def test_interrupted_save_leaves_no_output_directory(tmp_path):
     model = DiesWhileSaving()
-    attach_report(model, {"num_samples": 1})
+    save_plan(model).report = {"num_samples": 1}
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -59,7 +62,7 @@ def test_failure_during_calibration_writes_nothing(dlm_path, tmp_path, monkeypat
     def boom(self, *args, **kwargs):
         raise RuntimeError("injected failure during calibration")
 
-    monkeypatch.setattr(SinkAwarePruningModifier, "compress_modules", boom)
+    monkeypatch.setattr(SinkAwarePruningModifier, "on_sequential_epoch_end", boom)
     with pytest.raises(RuntimeError, match="injected"):
         oneshot(model=load_model(dlm_path), dataset=calibration_dataset(dlm_path), output_dir=str(tmp_path / "o"),
                 recipe=[SinkAwarePruningModifier()])
@@ -100,7 +103,7 @@ def test_overflowing_attention_is_reported_with_the_layer(dlm_path):
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.weight.fill_(math.inf)
     with pytest.raises(FloatingPointError, match=r"layers\.1") as info:
-        run_trajectory(model, MaskedDiffusionAdapter(MASK_ID), [torch.arange(5, 25)], TrajectorySettings(),
+        run_trajectory(model, MASKED, [torch.arange(5, 25)], TrajectorySettings(),
                        progress=False)
     assert "torch.float32" in str(info.value) and "float16" not in str(info.value).replace("float32", "")
 
@@ -122,14 +125,14 @@ def test_recipes_are_parsed_with_a_safe_loader():
 
 def test_too_short_samples_are_refused(dlm_path):
     with pytest.raises(ValueError, match="at least 2"):
-        run_trajectory(load_model(dlm_path), MaskedDiffusionAdapter(MASK_ID), [torch.tensor([7])],
+        run_trajectory(load_model(dlm_path), MASKED, [torch.tensor([7])],
                        TrajectorySettings(), progress=False)
 
 
 def test_per_sample_buffers_live_on_cpu(dlm_path):
     """What grows with samples x states (token ids, scores, row scales) is kept off the model's device."""
     model = load_model(dlm_path)
-    result = run_trajectory(model, MaskedDiffusionAdapter(MASK_ID), [torch.arange(5, 25), torch.arange(7, 40)],
+    result = run_trajectory(model, MASKED, [torch.arange(5, 25), torch.arange(7, 40)],
                             TrajectorySettings(noise_levels=3), progress=False)
     for sample in result.samples:
         tensors = [sample.tokens, sample.scores, sample.row_scales, sample.mean_row_scales]

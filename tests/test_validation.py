@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 import sink_modifier
 from conftest import calibration_dataset, load_model
-from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.adapters import AdapterError, adapter_for
+from sink_modifier import SinkAwarePruningModifier, families
+from sink_modifier.families import FamilyError, FamilyOptions
 from sink_modifier.toy import build_toy_model
 
 
@@ -74,14 +74,14 @@ def test_model_without_mask_token(tmp_path):
     del model.config.mask_token_id
     (path / "tokenizer_config.json").unlink()
     (path / "tokenizer.json").unlink()
-    with pytest.raises(AdapterError, match="needs a mask token"):
-        adapter_for(model)
-    assert adapter_for(model, mask_token_id=4).mask_token_id == 4
+    with pytest.raises(FamilyError, match="needs a mask token"):
+        families.resolve(model)
+    assert families.resolve(model, options=FamilyOptions(mask_token_id=4)).noise.mask_token_id == 4
 
 
 def test_masked_adapter_refuses_a_causal_model(ar_path):
-    with pytest.raises(AdapterError, match="attends causally"):
-        adapter_for(load_model(ar_path), family="masked")
+    with pytest.raises(FamilyError, match="attends causally"):
+        families.resolve(load_model(ar_path), "masked")
 
 
 def test_per_layer_sparsity_of_wrong_length(dlm_path):
