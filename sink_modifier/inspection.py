@@ -71,6 +71,7 @@ def write_inspection(dynamics: list, directory: Path) -> dict[str, Path]:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
+    """``sink-prune inspect``: the sinks of MODEL (and ``--compare``) measured, drawn and published."""
     from sink_modifier.publish import check_output, staged
 
     output = check_output(args.output, overwrite=args.overwrite)

@@ -3,10 +3,11 @@ evaluation text, parsing a recipe, pruning and saving a checkpoint (``run``), pe
 (``eval``), and the table the commands print. ``sink_modifier.inspection`` holds ``inspect``'s part,
 ``sink_modifier.demo`` the demo's; ``sink_modifier.cli`` is only the argument parser in front of them.
 
-The ``*_command`` functions take the parsed arguments of their command; the functions they call take plain
-values. Results are printed to stdout; logs go through loguru (``sink_modifier.console`` routes them to stderr).
-Torch, llm-compressor, datasets and models are imported inside the functions that need them. Outputs are
-published through ``sink_modifier.publish`` (locked, staged, never replacing what it did not write).
+The ``*_command`` functions, ``calibration_source`` and ``token_samples`` take a command's parsed arguments (an
+``argparse.Namespace``, see ``cli.build_parser``); the others take plain values. Results are printed to stdout;
+logs go through loguru (``sink_modifier.console`` routes them to stderr). Torch, llm-compressor, datasets and
+models are imported inside the functions that need them. Outputs are published through ``sink_modifier.publish``
+(locked, staged, never replacing what it did not write).
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def prune(
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``sink-prune run``: the recipe applied by ``oneshot`` and the checkpoint published to ``--output``."""
     from sink_modifier.publish import check_output, staged
 
     # Everything that can fail cheaply fails before the model loads: output, recipe, text, lock.
@@ -304,6 +306,7 @@ def print_table(rows: list[list[str]], left: int = 2) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    """``sink-prune eval``: perplexity of a text, or lm-eval tasks with ``--tasks``."""
     from sink_modifier.evaluation import perplexity
 
     if args.tasks:
