@@ -1,8 +1,9 @@
 """The ``sink-prune`` script: ``sink_modifier/cli.py`` run without importing the ``sink_modifier`` package first.
 
 ``import sink_modifier`` imports llm-compressor to register the modifier (seconds, and a "No accelerator" line on
-stdout). ``--help`` and ``--version`` need only argparse, so the CLI module is loaded by itself; a command imports
-the package when it runs. ``python -m sink_modifier.cli`` is the same CLI, without this shortcut.
+stdout). ``--help`` and ``--version`` need only argparse, so the CLI module is loaded by itself (it loads the
+light modules it needs, ``errors``, ``sources`` and ``console``, the same way); a command imports the package
+when it runs. ``python -m sink_modifier.cli`` is the same CLI, without this shortcut.
 """
 
 from __future__ import annotations

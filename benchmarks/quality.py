@@ -40,15 +40,15 @@ import torch
 from loguru import logger
 
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
-from sink_modifier.cli import (
+from sink_modifier.demo import CALIBRATION_TEXT, paired_difference
+from sink_modifier.evaluation import perplexity
+from sink_modifier.workflows import (
     load_model,
     prune,
     pruned_fraction,
     read_samples,
     seed_everything,
 )
-from sink_modifier.demo import CALIBRATION_TEXT, paired_difference
-from sink_modifier.evaluation import perplexity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sinks import write_docs  # noqa: E402

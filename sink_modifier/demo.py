@@ -13,19 +13,19 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from sink_modifier.cli import (
-    CLIError,
+from sink_modifier.errors import CLIError
+from sink_modifier.inspection import measure_sinks, write_inspection
+from sink_modifier.publish import check_output, staged
+from sink_modifier.scope import never_pruned_ignore
+from sink_modifier.workflows import (
     format_perplexity,
     load_model,
-    measure_sinks,
     print_table,
     prune,
     pruned_fraction,
     read_samples,
     seed_everything,
-    write_inspection,
 )
-from sink_modifier.publish import check_output, staged
 
 __all__ = ["CALIBRATION_TEXT", "DemoConfig", "paired_difference", "run_demo"]
 
@@ -61,7 +61,7 @@ def _demo_recipes(model: torch.nn.Module) -> dict[str, list]:
     from sink_modifier import SinkAwarePruningModifier
 
     targets = sorted(infer_sequential_targets(model))
-    ignore = ["re:.*lm_head.*", "re:.*embed.*"]
+    ignore = never_pruned_ignore("lm_head", "embed")
     return {
         "wanda": [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=targets, ignore=ignore)],
         "sink_aware_wanda": [SinkAwarePruningModifier(
@@ -161,7 +161,8 @@ def paired_difference(a, b) -> dict:
             "num_mc_samples": len(diffs)}
 
 
-def _pm(paired: dict) -> str:
+def _format_paired_difference(paired: dict) -> str:
+    """``paired_difference``'s mean and standard error as "+0.0123 ± 0.0045"."""
     return f"{paired['nll_per_token']:+.4f} ± {paired['stderr']:.4f}"
 
 
@@ -170,7 +171,8 @@ def _print_demo(output: Path, results: dict, sparsity: dict, summary: dict, conf
     labels = {"dense": "dense", "wanda": "Wanda (llm-compressor)", "sink_aware_wanda": "sink-aware Wanda"}
     rows = [["model", "zeros", "ELBO perplexity", "NLL/token", "NLL - dense (paired)"]]
     for name, result in results.items():
-        change = "" if name == "dense" else _pm(paired_difference(result, results["dense"]))
+        change = "" if name == "dense" else _format_paired_difference(
+            paired_difference(result, results["dense"]))
         rows.append([labels[name], f"{sparsity[name]:.1%}", format_perplexity(result),
                      f"{result.nll_per_token:.4f}", change])
     print(f"Bundled DLM, 50% unstructured Wanda, calibrated on {config.calibration_samples} samples x "
@@ -178,7 +180,8 @@ def _print_demo(output: Path, results: dict, sparsity: dict, summary: dict, conf
           f"{config.num_mc_samples} MC samples ({elapsed:.0f} s)")
     print_table(rows, left=1)
     if "sink_aware_minus_wanda" in summary:
-        print(f"sink-aware minus Wanda: {_pm(summary['sink_aware_minus_wanda'])} nats/token "
+        difference = _format_paired_difference(summary["sink_aware_minus_wanda"])
+        print(f"sink-aware minus Wanda: {difference} nats/token "
               "(paired over MC samples: every model sees the same masks)")
     print(f"results:     {output / 'results.json'}")
     for name in ("wanda", "sink_aware_wanda"):

@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--include_path`` names another directory)."""
     from lm_eval.__main__ import cli_evaluate
 
-    from sink_modifier.cli import CLIError
+    from sink_modifier.errors import CLIError
     from sink_modifier.loading import LoadError
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -32,7 +32,7 @@ class AttentionProbeError(RuntimeError):
     """Raised instead of handing back statistics that would be silently wrong or incomplete."""
 
 
-def _mask5(mask: torch.Tensor | None, heads: int, kv_heads: int) -> torch.Tensor | None:
+def _mask_for_query_groups(mask: torch.Tensor | None, heads: int, kv_heads: int) -> torch.Tensor | None:
     """Bring a broadcastable SDPA mask to [B, Hkv, G, Q, K] so it lines up with grouped queries.
 
     Float entries at or below the dtype's minimum are treated as -inf: transformers uses
@@ -70,7 +70,7 @@ def _probabilities(
     scale = dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
     keys_t = key.float().unsqueeze(2).transpose(-1, -2)  # [B, Hkv, 1, D, K]: shared by the group
-    mask = _mask5(attn_mask, heads, kv_heads)
+    mask = _mask_for_query_groups(attn_mask, heads, kv_heads)
     key_pos = torch.arange(k_len, device=query.device)
     for start in range(0, q_len, chunk_size):
         stop = min(start + chunk_size, q_len)

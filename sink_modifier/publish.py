@@ -29,13 +29,15 @@ import functools
 import json
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 from loguru import logger
+
+from sink_modifier.errors import OutputError
+from sink_modifier.locks import holding_lock, owner_pid, process_alive
 
 __all__ = ["MANIFEST", "OutputError", "check_output", "read_manifest", "staged"]
 
@@ -48,10 +50,6 @@ _CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "sink_report.j
 _UNRENAMABLE = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS, errno.EINVAL}
 
 Existing = Literal["refuse", "replace", "merge"]
-
-
-class OutputError(Exception):
-    """An output directory that cannot or must not be written; the message says why, on one line."""
 
 
 # --------------------------------------------------------------------------- checks
@@ -147,59 +145,7 @@ def _foreign(entries: list[str], manifest: dict) -> list[str]:
     return [name for name in entries if name not in ours]
 
 
-# --------------------------------------------------------------------------- processes, locks, leftovers
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child that nobody reaped yet is a zombie: dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _owner(name: str, prefix: str) -> int | None:
-    """The pid in a staging or lock name ``PREFIX<pid>-...``."""
-    head = name[len(prefix):].split("-", 1)[0]
-    return int(head) if name.startswith(prefix) and head.isdigit() else None
-
-
-@contextlib.contextmanager
-def _locked(lock: Path, target: Path) -> Iterator[None]:
-    """Hold ``lock`` (a file with our pid) while writing ``target``; a live holder fails this at once."""
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except PermissionError as error:
-            raise OutputError(f"cannot write to {lock.parent}: permission denied") from error
-        except FileExistsError:
-            try:
-                pid, host = (lock.read_text().split() + ["", ""])[:2]
-            except OSError:
-                continue  # released meanwhile
-            if not pid.isdigit() or host != socket.gethostname() or _alive(int(pid)):
-                raise OutputError(f"{target} is being written by another sink-prune run (pid {pid or '?'}"
-                                  f"{'' if host in ('', socket.gethostname()) else ' on ' + host}, lock {lock}); "
-                                  "wait for it or stop it") from None
-            logger.warning(f"Removed the lock of a run that died (pid {pid}): {lock}")
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as file:
-            file.write(f"{os.getpid()} {socket.gethostname()}\n")
-        break
-    else:
-        raise OutputError(f"could not take the lock {lock} for {target}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+# --------------------------------------------------------------------------- leftovers of dead runs
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -214,8 +160,8 @@ def _remove_leftovers(target: Path) -> None:
     for directory, prefix in places:
         with contextlib.suppress(OSError):
             for entry in os.scandir(directory):
-                pid = _owner(entry.name, prefix)
-                if pid is None or pid == os.getpid() or _alive(pid):
+                pid = owner_pid(entry.name, prefix)
+                if pid is None or pid == os.getpid() or process_alive(pid):
                     continue
                 path = Path(entry.path)
                 if prefix.endswith(".old-") and not target.exists():
@@ -443,7 +389,7 @@ def staged(target: str | os.PathLike, *, existing: Existing = "merge") -> Iterat
     _mkdir(target.parent, "the parent directory")
     in_place = target.is_dir() and _fill_in_place_needed(target)
     lock = target / _INNER_LOCK if in_place else target.parent / f".{target.name}.lock"
-    with _locked(lock, target):
+    with holding_lock(lock, target):
         _remove_leftovers(target)
         if existing == "refuse" and target.is_dir() and _entries(target):
             raise OutputError(f"{target} is not empty; pass --overwrite to replace it")

@@ -19,8 +19,9 @@ from matplotlib.image import imread
 from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXTS, calibration_dataset
-from sink_modifier.cli import CLIError, main, token_samples
+from sink_modifier.cli import CLIError, main
 from sink_modifier.publish import MANIFEST, read_manifest
+from sink_modifier.workflows import token_samples
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"

@@ -19,9 +19,10 @@ import torch
 pytest.importorskip("lm_eval")
 
 from sink_modifier.bundled import bundled_model_path  # noqa: E402
-from sink_modifier.cli import load_model, main  # noqa: E402
+from sink_modifier.cli import main  # noqa: E402
 from sink_modifier.harness import DiffusionLM, UnsupportedModel, evaluate_tasks  # noqa: E402
 from sink_modifier.tasks.make_bundled_cloze import OUTPUT, build  # noqa: E402
+from sink_modifier.workflows import load_model  # noqa: E402
 
 LIMIT = 16  # four groups of four: a context-blind model scores exactly 4/16
 

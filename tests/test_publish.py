@@ -169,7 +169,7 @@ def test_a_live_lock_fails_at_once_naming_the_holder_and_a_dead_ones_is_reclaime
 
 
 def test_leftovers_of_dead_runs_are_removed_and_an_output_moved_aside_is_restored(tmp_path, capfd):
-    from sink_modifier.cli import _console
+    from sink_modifier.console import command_console
 
     target = tmp_path / "out"
     pid = dead_pid()
@@ -178,7 +178,7 @@ def test_leftovers_of_dead_runs_are_removed_and_an_output_moved_aside_is_restore
     write(tmp_path / f".out.old-{pid}-ghi", OLD)  # a two-rename swap killed between its renames
     mine = tmp_path / f".out.partial-{os.getpid()}-xyz"  # a live run's (this process's) staging stays
     mine.mkdir()
-    with _console(quiet=False):
+    with command_console(quiet=False):
         with staged(target, existing="merge"):
             assert {p: (target / p).read_bytes() for p in publish._files(target)} == OLD
     err = capfd.readouterr().err
