@@ -8,7 +8,11 @@ its own pair on the permissive corpus of ``benchmarks/corpus.py``:
   objective (``t ~ U(0, 1)`` stratified over the batch, each token masked with probability
   ``(1 - 1e-3) t + 1e-3``, cross-entropy on masked tokens weighted by ``1 / p_mask``, LLaDA's pre-training loss);
 * (b) ``ar``: the same config with causal attention and the next-token loss, on the same windows in the same
-  order.
+  order;
+* (c) with ``--arch llama``, the masked DLM in LLaDA's own block layout instead of Gemma-3's: transformers' native
+  ``EuroBertForMaskedLM`` (a Llama block with bidirectional attention: pre-norm RMSNorm only, no QK-norm, no
+  post-sublayer norms, SwiGLU, RoPE), same width, depth, heads, tokenizer, windows, objective and schedule
+  (docs/reference-models.md, "A LLaDA-style DLM"). It has no causal twin.
 
 Every training window is ``[BOS]`` + 127 tokens of the packed stream (documents separated by ``[EOS]``); the run
 sees each window at most once (about 4M of the 10M training tokens), keeps the weights with the best validation
@@ -19,6 +23,7 @@ loss, and writes bf16 checkpoints. Seeded; one CPU thread.
     python benchmarks/train_reference.py --smoke         # 2-minute check of the whole pipeline
     python benchmarks/train_reference.py --ship-only     # ship what an earlier run left in --out
     python benchmarks/train_reference.py --analyse sink_modifier/bundled   # sink statistics + samples only
+    python benchmarks/train_reference.py --arch llama    # the LLaDA-style DLM -> {out}/dlm-llama (~25 min)
 """
 
 from __future__ import annotations
@@ -37,7 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    EuroBertConfig,
+    EuroBertForMaskedLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402  (benchmarks/ is not a package)
@@ -63,6 +78,8 @@ MAX_POSITIONS = 512  # the config's limit; the models were trained on SEQ_LEN wi
 ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64)
 MASK_EPS = 1e-3  # LLaDA: p_mask = (1 - eps) t + eps
+ROPE_THETA = 1_000_000.0  # Gemma-3's default for full-attention layers; the llama arch uses the same
+ARCHS = ("gemma3", "llama")  # the block layout: Gemma-3's (the shipped pair) or LLaDA's (Llama, bidirectional)
 
 
 # --------------------------------------------------------------------------- tokenizer and data
@@ -145,6 +162,39 @@ def reference_config(kind: str) -> Gemma3TextConfig:
     return config
 
 
+def llama_dlm_config() -> EuroBertConfig:
+    """LLaDA's block layout with the Gemma-3 DLM's sizes: transformers' EuroBERT, a Llama decoder without the
+    causal mask (pre-norm RMSNorm, SwiGLU, RoPE, no QK-norm, no post-sublayer norms, no biases, no embedding
+    scaling). Only the block differs from ``reference_config("dlm")``: width, depth, heads, vocabulary, tied
+    embeddings, RoPE theta and special tokens are the same."""
+    return EuroBertConfig(
+        vocab_size=VOCAB_SIZE, **ARCH, hidden_act="silu", max_position_embeddings=MAX_POSITIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, rms_norm_eps=1e-5,
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, mask_token_id=MASK_ID,
+        tie_word_embeddings=True, attention_dropout=0.0, attention_bias=False, mlp_bias=False,
+    )
+
+
+def build_model(kind: str, arch: str) -> torch.nn.Module:
+    if arch == "gemma3":
+        return Gemma3ForCausalLM(reference_config(kind))
+    if kind != "dlm":
+        raise SystemExit(f"--arch {arch} has only a masked DLM (EuroBERT is bidirectional); use --models dlm")
+    return EuroBertForMaskedLM(llama_dlm_config())
+
+
+def out_name(kind: str, arch: str) -> str:
+    """Folder of a trained model under --out: ``dlm``/``ar`` for Gemma-3, ``dlm-llama`` for the LLaDA layout."""
+    return kind if arch == "gemma3" else f"{kind}-{arch}"
+
+
+def load_reference(path: Path, dtype=torch.float32) -> torch.nn.Module:
+    """A saved reference model as a user loads it: causal-LM class where transformers has one, else masked LM."""
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForMaskedLM
+    return auto.from_pretrained(path, dtype=dtype)
+
+
 def dlm_loss(model: Gemma3ForCausalLM, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Masked-diffusion loss per token: sum over masked of CE / p_mask, divided by the scored token count.
 
@@ -183,7 +233,7 @@ def validate(model, kind: str, val: torch.Tensor, num_mc_samples: int, batch_siz
 def train(kind: str, data: dict, args) -> tuple[Gemma3ForCausalLM, dict]:
     """Train one twin; returns the best-validation model (float32) and its training log."""
     torch.manual_seed(args.seed)
-    model = Gemma3ForCausalLM(reference_config(kind))
+    model = build_model(kind, args.arch)
     model.config._attn_implementation = "sdpa"
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -207,7 +257,8 @@ def train(kind: str, data: dict, args) -> tuple[Gemma3ForCausalLM, dict]:
     val = data["validation"][torch.from_numpy(np.sort(val_rows))]
     generator = torch.Generator().manual_seed(args.seed)
     objective = dlm_loss if kind == "dlm" else ar_loss
-    log = {"kind": kind, "parameters": params, "curve": []}
+    log = {"kind": kind, "arch": args.arch, "architecture": type(model).__name__, "parameters": params,
+           "curve": []}
     best = (math.inf, -1, None)
     start = time.time()
     recent: list[float] = []
@@ -257,7 +308,7 @@ def save_bf16(model: Gemma3ForCausalLM, tokenizer, out: Path) -> None:
 
 def final_metrics(path: Path, kind: str, data: dict, mc_samples: int) -> dict:
     """Validation and test NLL of the saved (bf16) checkpoint, loaded as a user would (float32)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_reference(path)
     metrics = {}
     for split in ("validation", "test"):
         if kind == "dlm":
@@ -337,7 +388,7 @@ def print_sinks(kind: str, stats: dict) -> None:
 
 @torch.no_grad()
 def generation_samples(path: Path, kind: str, tokenizer, prompts: list[str]) -> list[str]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_reference(path).eval()
     outputs = []
     for prompt in prompts:
         ids = torch.tensor(tokenizer(prompt)["input_ids"])
@@ -378,12 +429,13 @@ def write_eval_slice(test_docs: list[dict], path: Path, budget: int = 48_000, pe
     print(f"eval slice: {len(pieces)} documents, {path.stat().st_size / 1e3:.1f} KB -> {path}")
 
 
-def ship(out: Path, kinds: list[str]) -> None:
+def ship(out: Path, kinds: list[str], arch: str = "gemma3") -> None:
     """Copy trained checkpoints (with their training.json) and a fresh eval slice into the package."""
     for kind in kinds:
-        shutil.rmtree(BUNDLED / kind, ignore_errors=True)
-        shutil.copytree(out / kind, BUNDLED / kind)
-        print(f"[{kind}] shipped {out / kind} -> {BUNDLED / kind}")
+        name = out_name(kind, arch)
+        shutil.rmtree(BUNDLED / name, ignore_errors=True)
+        shutil.copytree(out / name, BUNDLED / name)
+        print(f"[{kind}] shipped {out / name} -> {BUNDLED / name}")
     write_eval_slice(corpus.read_split("test"), BUNDLED / "eval_slice.txt")
 
 
@@ -392,7 +444,10 @@ def ship(out: Path, kinds: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=["dlm", "ar"], default=["dlm", "ar"])
+    parser.add_argument("--models", nargs="+", choices=["dlm", "ar"], default=None,
+                        help="default: dlm ar (gemma3), dlm (llama)")
+    parser.add_argument("--arch", choices=ARCHS, default="gemma3",
+                        help="block layout: gemma3 (the shipped pair) or llama (LLaDA's: EuroBERT, DLM only)")
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -410,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a 2-minute run of the whole pipeline")
     parser.add_argument("--analyse", type=Path, help="only sink statistics and samples of {dir}/dlm, {dir}/ar")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = ["dlm", "ar"] if args.arch == "gemma3" else ["dlm"]
     if args.smoke:
         args.steps, args.eval_every, args.val_windows, args.final_mc_samples = 20, 10, 16, 1
         args.out = WORK / "smoke"
@@ -420,15 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     sink_rows = np.random.default_rng(args.seed + 2).permutation(len(data["test"]))[:16]
     sink_samples = data["test"][torch.from_numpy(np.sort(sink_rows))]
     if args.ship_only:
-        ship(args.out, args.models)
+        ship(args.out, args.models, args.arch)
         return
     if args.analyse:  # refreshes the "sinks" and "samples" entries of each training.json
         for kind in args.models:
-            model = AutoModelForCausalLM.from_pretrained(args.analyse / kind, dtype=torch.float32)
+            folder = args.analyse / out_name(kind, args.arch)
+            model = load_reference(folder)
             stats = sink_statistics(model, tokenizer, sink_samples)
             print_sinks(kind, stats)
-            samples = generation_samples(args.analyse / kind, kind, tokenizer, PROMPTS)
-            log_path = args.analyse / kind / "training.json"
+            samples = generation_samples(folder, kind, tokenizer, PROMPTS)
+            log_path = folder / "training.json"
             if log_path.exists():
                 log = json.loads(log_path.read_text())
                 log.update(sinks=stats, samples=dict(zip(PROMPTS, samples, strict=True)))
@@ -438,12 +496,12 @@ def main(argv: list[str] | None = None) -> None:
                "corpus": json.loads((corpus.DEFAULT_OUT / "manifest.json").read_text())["sha256"]}
     for kind in args.models:
         model, log = train(kind, data, args)
-        out = args.out / kind
+        out = args.out / out_name(kind, args.arch)
         save_bf16(model, tokenizer, out)
         started = time.time()
         log["final"] = final_metrics(out, kind, data, args.final_mc_samples)
         log["final_eval_seconds"] = time.time() - started
-        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        loaded = load_reference(out)
         log["sinks"] = sink_statistics(loaded, tokenizer, sink_samples)
         print_sinks(kind, log["sinks"])
         log["samples"] = dict(zip(PROMPTS, generation_samples(out, kind, tokenizer, PROMPTS), strict=True))
@@ -453,11 +511,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{log['best_step']}, final train {log['final_train_loss']:.4f} -> {out}")
         del model, loaded
     if args.ship:
-        ship(args.out, args.models)
+        ship(args.out, args.models, args.arch)
     if not args.ship and (BUNDLED / "dlm" / "training.json").exists():
         for kind in args.models:
-            shipped = json.loads((BUNDLED / kind / "training.json").read_text())["final"]["validation"]
-            fresh = json.loads((args.out / kind / "training.json").read_text())["final"]["validation"]
+            name = out_name(kind, args.arch)
+            if not (BUNDLED / name / "training.json").exists():
+                name = kind  # nothing of this arch shipped: compare with the shipped Gemma-3 model
+            shipped = json.loads((BUNDLED / name / "training.json").read_text())["final"]["validation"]
+            fresh = json.loads((args.out / out_name(kind, args.arch) / "training.json").read_text())["final"][
+                "validation"]
             print(f"[{kind}] validation NLL: this run {fresh['nll_per_token']:.4f}, shipped "
                   f"{shipped['nll_per_token']:.4f} (stderr {shipped['stderr']:.4f})")
 
