@@ -62,7 +62,7 @@ class SinkAwarePruningModifier(Modifier, TrajectorySettings):
     ignore: list[str] = Field(default_factory=never_pruned_ignore)
     family: str = "auto"
     mask_token_id: int | None = Field(None, ge=0)
-    # None: the family's default (a masked DLM's BOS); [] lets the forward process mask every position
+    # None: the family's default (a masked DLM's BOS and pad ids); [] lets the forward process mask every position
     never_mask_token_ids: list[int] | None = None
     # SparseGPT only
     block_size: int = Field(128, ge=1)

@@ -114,3 +114,14 @@ def test_noise_level_is_the_share_still_to_denoise_in_every_family(dlm_path):
     prefixes = AutoregressiveControl().forward_noise_states(tokens, levels=4, eps=0, seed=0)
     assert [s.noise_level for s in prefixes] == [0.75, 0.5, 0.25, 0.0]
     assert [int(s.valid.sum()) for s in prefixes] == [5, 10, 15, 20]
+
+
+def test_masked_states_never_mask_bos_or_padding_unless_the_recipe_says_so(dlm_path):
+    model = load_model(dlm_path)
+    bos, pad = model.config.bos_token_id, model.config.pad_token_id
+    tokens = torch.tensor([bos, *range(10, 40), pad])
+    states = families.resolve(model).noise.forward_noise_states(tokens, levels=4, eps=0, seed=0)
+    assert all(s.input_ids[0] == bos and s.input_ids[-1] == pad for s in states)
+    assert (states[-1].input_ids[1:-1] == MASK_ID).all()  # t = 1 masks everything else
+    everything = families.resolve(model, options=FamilyOptions(never_mask_token_ids=()))
+    assert (everything.noise.forward_noise_states(tokens, levels=1, eps=0, seed=0)[0].input_ids == MASK_ID).all()

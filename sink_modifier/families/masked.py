@@ -1,8 +1,9 @@
 """Absorbing-state (masked) DLMs: LLaDA, Dream, bidirectional Gemma with a mask token.
 
 Noise level ``t_k = k / K`` (k = 1..K) masks each token independently with probability ``(1 - eps) t_k + eps``,
-as the reference code does; positions holding a token the model never sees masked in training (its BOS, by
-default) stay clean. The model's own sampler is LLaDA's (one full forward per step, on the step's input).
+as the reference code does; positions holding a token the model never sees masked in training (its BOS and
+padding, by default; recipe field ``never_mask_token_ids``) stay clean. The model's own sampler is LLaDA's
+(one full forward per step, on the step's input).
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ def _has_tokenizer_files(directory: Path) -> bool:
 
 
 def default_never_masked(model: torch.nn.Module) -> tuple[int, ...]:
-    """The tokens a masked DLM's training never masks: its BOS (pretraining masks the text after it)."""
-    bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    return (int(bos),) if isinstance(bos, int) else ()
+    """The special tokens a masked DLM's training never masks: its config's BOS (pretraining masks the text
+    after it) and padding ids."""
+    config = getattr(model, "config", None)
+    ids = [getattr(config, name, None) for name in ("bos_token_id", "pad_token_id")]
+    return tuple(sorted({int(i) for i in ids if isinstance(i, int)}))
 
 
 @torch.no_grad()
@@ -167,7 +170,7 @@ def _build(implementation: type[MaskedDiffusion], name: str):
         if vocab is not None and not 0 <= mask_id < vocab:
             raise FamilyError(f"mask_token_id {mask_id} is outside the vocabulary (size {vocab}).")
         never = options.never_mask_token_ids
-        never = () if never is None else never  # TEMP: BOS default enabled in a later commit
+        never = default_never_masked(model) if never is None else never
         return Family.of(name, implementation(mask_id, tuple(t for t in never if t != mask_id)))
 
     return build
