@@ -174,17 +174,20 @@ class MaskedDiffusionAdapter(DiffusionAdapter):
     name = "masked"
     measures_while_sampling = True  # LLaDA's sampler: one full forward per step, on the step's input
 
-    def __init__(self, mask_token_id: int):
+    def __init__(self, mask_token_id: int, never_mask_token_ids: tuple[int, ...] | list[int] = ()):
         self.mask_token_id = int(mask_token_id)
+        #: token ids the forward process leaves clean (the family never masks them in training: BOS, padding)
+        self.never_mask_token_ids = tuple(int(i) for i in never_mask_token_ids)
 
     def forward_noise_states(self, tokens, *, levels, eps, seed):
         generator = sample_generator(tokens, seed)
         valid = torch.ones_like(tokens, dtype=torch.bool)
+        protected = torch.isin(tokens, torch.tensor(self.never_mask_token_ids, dtype=tokens.dtype))
         states = []
         for k in range(1, levels + 1):
             t = k / levels
             p_mask = (1.0 - eps) * t + eps
-            masked = torch.rand(tokens.shape, generator=generator) < p_mask
+            masked = (torch.rand(tokens.shape, generator=generator) < p_mask) & ~protected
             noisy = torch.where(masked, torch.full_like(tokens, self.mask_token_id), tokens)
             states.append(DenoisingState(noisy, valid, step=k - 1, noise_level=t))
         return states
@@ -333,10 +336,21 @@ def attends_bidirectionally(model: torch.nn.Module) -> bool:
     return not torch.equal(outputs[0], outputs[1])
 
 
+def default_never_mask_token_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    """The special tokens a masked DLM is taken never to mask: its config's BOS and padding ids."""
+    config = getattr(model, "config", None)
+    ids = [getattr(config, name, None) for name in ("bos_token_id", "pad_token_id")]
+    return tuple(sorted({int(i) for i in ids if isinstance(i, int)}))
+
+
 def adapter_for(
-    model: torch.nn.Module, *, family: AdapterName = "auto", mask_token_id: int | None = None
+    model: torch.nn.Module, *, family: AdapterName = "auto", mask_token_id: int | None = None,
+    never_mask_token_ids: list[int] | None = None,
 ) -> DiffusionAdapter:
-    """Pick the adapter for ``model``; ``auto`` decides by whether the model attends bidirectionally."""
+    """Pick the adapter for ``model``; ``auto`` decides by whether the model attends bidirectionally.
+
+    ``never_mask_token_ids`` (masked family): token ids the forward process never masks; None means
+    :func:`default_never_mask_token_ids`, an empty list masks every token."""
     from sink_modifier.diffusion_gemma import DiffusionGemmaAdapter, is_diffusion_gemma
 
     if is_diffusion_gemma(model):
@@ -365,4 +379,5 @@ def adapter_for(
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and not 0 <= mask_id < vocab:
         raise AdapterError(f"mask_token_id {mask_id} is outside the vocabulary (size {vocab}).")
-    return MaskedDiffusionAdapter(mask_id)
+    protected = default_never_mask_token_ids(model) if never_mask_token_ids is None else never_mask_token_ids
+    return MaskedDiffusionAdapter(mask_id, [i for i in protected if i != mask_id])

@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU threads for torch (default: 1; the bundled model is too small to gain from more, "
                       "and one thread cannot be oversubscribed)")
     demo.set_defaults(func=cmd_demo)
+    compare = commands.add_parser(
+        "compare", parents=[quiet, model, output], help="the controlled comparison: sink-aware vs its ablation "
+        "and a random-row control over disjoint calibration draws", description=_light("compare").__doc__)
+    compare.formatter_class = argparse.RawDescriptionHelpFormatter
+    _light("compare").add_arguments(compare)
+    compare.set_defaults(func=lambda args: _light("compare").main(args))
     for command in (run, inspect, evaluate):
         command.add_argument("--threads", type=_positive, metavar="N",
                              help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "
@@ -247,6 +253,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG} {args.command}: error: {type(error).__name__}: {_one_line(error)} (unexpected: "
                       "rerun with --debug for the traceback, and please report it)", file=sys.stderr)
             return 1
+
+
+def _light(name: str):
+    """``sink_modifier.<name>``, loaded by itself when the package (which imports llm-compressor) is not
+    imported yet: the module must import nothing heavy at load time (sources, compare)."""
+    module = sys.modules.get(f"sink_modifier.{name}")
+    if module is None:
+        import importlib.util
+
+        path = Path(__file__).with_name(f"{name}.py")
+        spec = importlib.util.spec_from_file_location(f"sink_modifier.{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"sink_modifier.{name}"] = module  # the package's own import of it gets this module
+        spec.loader.exec_module(module)
+    return module
 
 
 def _check_model_sources(args: argparse.Namespace) -> None:

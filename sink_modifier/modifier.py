@@ -66,6 +66,8 @@ class SinkAwarePruningModifier(compat.SparsityModifierBase, TrajectorySettings):
     )
     adapter: AdapterName = "auto"
     mask_token_id: int | None = Field(None, ge=0)
+    # masked DLMs: token ids the forward noise never masks (None: the config's BOS and pad; []: none)
+    never_mask_token_ids: list[int] | None = None
     # SparseGPT only
     block_size: int = Field(128, ge=1)
     dampening_frac: float = Field(0.01, ge=0.0)
@@ -123,7 +125,8 @@ class SinkAwarePruningModifier(compat.SparsityModifierBase, TrajectorySettings):
             raise UserError("SinkAwarePruningModifier needs calibration data, and the calibration set is empty")
         # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
         make_saveable(model)
-        self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id)
+        self._adapter = adapter_for(model, family=self.adapter, mask_token_id=self.mask_token_id,
+                                    never_mask_token_ids=self.never_mask_token_ids)
         if self.adapter == "auto" and self._adapter.name == "autoregressive":
             logger.warning(
                 f"{type(model).__name__} attends causally: it is an autoregressive model, not a diffusion LM. "

@@ -20,7 +20,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sink_modifier import statistics
-from sink_modifier.adapters import DenoisingState, DiffusionAdapter
+from sink_modifier.adapters import DenoisingState, DiffusionAdapter, sample_generator
 from sink_modifier.compat import routed_experts_only
 from sink_modifier.errors import UserError
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
@@ -194,6 +194,7 @@ def analyse_sample(
     scales = statistics.row_scales(
         scores, valid, selection=settings.sink_selection,
         unstable_variance=settings.unstable_variance,
+        generator=sample_generator(tokens, settings.seed) if settings.sink_selection == "random" else None,
     )
     summary = statistics.summarize(
         grouped, valid, scores, threshold_std=settings.sink_threshold_std,
