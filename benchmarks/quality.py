@@ -29,10 +29,10 @@ IMAGES = Path(__file__).resolve().parent.parent / "docs" / "images"
 MARKER_BEGIN, MARKER_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
-def compare_command(kind: str, extra: list[str]) -> list[str]:
+def compare_command(kind: str, extra: list[str], output: Path) -> list[str]:
     from sink_modifier.bundled import bundled_model_path
 
-    return ["compare", str(bundled_model_path(kind)), "-o", str(CACHE / f"compare-{kind}"), "--overwrite", *extra]
+    return ["compare", str(bundled_model_path(kind)), "-o", str(output), "--overwrite", *extra]
 
 
 def shown(kind: str, extra: list[str]) -> str:
@@ -55,19 +55,20 @@ def main(argv: list[str] | None = None) -> int:
 
     sections = []
     for kind in args.models.split(","):
+        output = CACHE / f"compare-{kind}{'-smoke' if args.smoke else ''}"  # the smoke keeps the full run's cache
         if not args.report_only:
-            code = cli(compare_command(kind, extra))
+            code = cli(compare_command(kind, extra, output))
             if code:
                 return code
-        summary = json.loads((CACHE / f"compare-{kind}" / "results.json").read_text())
+        summary = json.loads((output / "results.json").read_text())
         setup = summary["setup"]
         machine = (f"{platform.machine()}, {os.cpu_count()} cores, torch {setup['torch']}, {setup['threads']} "
                    f"thread(s); {setup['seconds']:.0f} s for {len(summary['cells'])} cells")
-        table = (CACHE / f"compare-{kind}" / "table.md").read_text().strip()
+        table = (output / "table.md").read_text().strip()
         sections.append(f"**{kind.upper()}**. Command: `{shown(kind, extra).strip()}`  \nMachine: {machine}\n\n"
                         f"{table}\n\n![{kind} table](images/compare_{kind}.png)")
         if not args.no_docs:
-            shutil.copyfile(CACHE / f"compare-{kind}" / "table.png", IMAGES / f"compare_{kind}.png")
+            shutil.copyfile(output / "table.png", IMAGES / f"compare_{kind}.png")
     text = "\n\n".join(sections)
     print(text)
     if not args.no_docs:
