@@ -43,12 +43,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sink_modifier import families
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
-from sink_modifier.cli import read_samples
 from sink_modifier.demo import CALIBRATION_TEXT
 from sink_modifier.diagnostics import diagnose
 from sink_modifier.evaluation import ar_perplexity, elbo_perplexity
 from sink_modifier.families import base_model, no_cache_kwargs
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+from sink_modifier.workflows import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_DLM = ROOT / "benchmarks" / ".cache" / "reference" / "models" / "dlm-llama"  # train_reference --arch llama

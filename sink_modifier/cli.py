@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="CPU threads for torch (default: 1; the bundled model is too small to gain from more, "
                       "and one thread cannot be oversubscribed)")
     demo.set_defaults(func=cmd_demo)
+    compare = commands.add_parser(
+        "compare", parents=[quiet, model, output], help="the controlled comparison: sink-aware vs its ablation "
+        "and a random-row control over disjoint calibration draws", description=_light_module("compare").__doc__)
+    compare.formatter_class = argparse.RawDescriptionHelpFormatter
+    _light_module("compare").add_arguments(compare)
+    compare.set_defaults(func=lambda args: _light_module("compare").main(args))
     for command in (run, inspect, evaluate):
         command.add_argument("--threads", type=_positive, metavar="N",
                              help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "

@@ -27,7 +27,7 @@ from torch import Tensor
 
 ScoreKind = Literal["raw", "zscore"]
 Scope = Literal["global", "layer"]
-Selection = Literal["all", "unstable"]
+Selection = Literal["all", "unstable", "random", "none"]
 
 __all__ = [
     "ScoreKind",
@@ -38,6 +38,7 @@ __all__ = [
     "centroid_temporal_variance",
     "dominant_sink_variance",
     "mean_row_scales",
+    "permute_valid",
     "row_scales",
     "scope_mass",
     "sink_scores",
@@ -195,6 +196,7 @@ def row_scales(
     *,
     selection: Selection = "all",
     unstable_variance: float = 0.02,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Per-token input-row multiplier for every Linear before Wanda/SparseGPT accumulate their
     statistics -> ``[S, G, T]``.
@@ -208,21 +210,44 @@ def row_scales(
       ``i``'s score exceeds ``unstable_variance``: stable sinks keep full weight, only sinks that
       move across denoising states are down-weighted.
 
+    Two controls run through the same code path, so that only the weights differ:
+
+    * ``random``: the ``all`` scales of each state permuted over that state's valid positions (one permutation
+      per state, shared by its groups, drawn from ``generator``): the same amount of down-weighting, on random
+      tokens instead of the sinks.
+    * ``none``: validity alone (1 on valid positions): plain Wanda / SparseGPT on the same states and rows.
+
     Invalid positions get 0 (padding must not contribute to the statistics).
     """
     _check(scores, valid, "scores")
     s = _as_float(scores)
     mask = valid.unsqueeze(1).expand_as(s)
     s = _masked(s, mask)
-    if selection == "all":
+    if selection in ("all", "random"):
         scale = 1.0 - s
+        if selection == "random":
+            scale = permute_valid(scale, valid, generator)
     elif selection == "unstable":
         _, var = temporal_stats(s, valid)
         u = (var > unstable_variance).to(s.dtype)
         scale = 1.0 - s * u.unsqueeze(0)
+    elif selection == "none":
+        scale = torch.ones_like(s)
     else:
-        raise ValueError(f"unknown selection {selection!r}; expected 'all' or 'unstable'")
+        raise ValueError(f"unknown selection {selection!r}; expected 'all', 'unstable', 'random' or 'none'")
     return _masked(scale, mask)
+
+
+def permute_valid(x: Tensor, valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``x`` ``[S, G, T]`` with each state's values at its valid positions permuted among those positions (one
+    permutation per state, the same for every group); invalid positions are left as they are."""
+    _check(x, valid, "x")
+    out = x.clone()
+    for state in range(x.shape[0]):
+        positions = torch.nonzero(valid[state]).flatten()
+        order = positions[torch.randperm(positions.numel(), generator=generator).to(positions.device)]
+        out[state][:, positions] = x[state][:, order]
+    return out
 
 
 def mean_row_scales(scales: Tensor, valid: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from sink_modifier.compat import routed_experts_only
 from sink_modifier.errors import UserError
 from sink_modifier.families import DenoisingState, Family
 from sink_modifier.probe import AttentionProbe, discover_attention_modules
-from sink_modifier.seeding import content_id
+from sink_modifier.seeding import content_generator, content_id
 
 
 class TrajectorySettings(BaseModel):
@@ -190,6 +190,7 @@ def analyse_sample(
     scales = statistics.row_scales(
         scores, valid, selection=settings.sink_selection,
         unstable_variance=settings.unstable_variance,
+        generator=content_generator(tokens, settings.seed) if settings.sink_selection == "random" else None,
     )
     summary = statistics.summarize(
         grouped, valid, scores, threshold_std=settings.sink_threshold_std,
