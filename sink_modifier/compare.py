@@ -183,7 +183,7 @@ def run_compare(config: CompareConfig) -> dict:
             "method": method, "sparsity": sparsity, "draw": draw, "zeros": pruned_fraction(model),
             "prune_seconds": pruned - start, "eval_seconds": time.perf_counter() - pruned,
             **result.to_dict(), "sample_nlls": list(result.sample_nlls)}
-        logger.info(f"{method} {sparsity} draw {draw}: ppl {result.perplexity:.3f}")
+        logger.debug(f"{method} {sparsity} draw {draw}: ppl {result.perplexity:.3f}")
         if model is not dense:
             del model
     bar.close()

@@ -84,6 +84,6 @@ def resolve(model: torch.nn.Module, family: str = "auto", options: FamilyOptions
         return spec.build(model, options, False)
     for spec in _by_priority():
         if not spec.claims and spec.matches(model):
-            logger.info(f"Sink-aware pruning: {type(model).__name__} is driven as the {spec.name!r} family")
+            logger.debug(f"Sink-aware pruning: {type(model).__name__} is driven as the {spec.name!r} family")
             return spec.build(model, options, True)
     raise FamilyError(f"No registered family accepts {type(model).__name__}; known: {', '.join(names())}")
