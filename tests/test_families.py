@@ -125,3 +125,15 @@ def test_masked_states_never_mask_bos_or_padding_unless_the_recipe_says_so(dlm_p
     assert (states[-1].input_ids[1:-1] == MASK_ID).all()  # t = 1 masks everything else
     everything = families.resolve(model, options=FamilyOptions(never_mask_token_ids=()))
     assert (everything.noise.forward_noise_states(tokens, levels=1, eps=0, seed=0)[0].input_ids == MASK_ID).all()
+
+
+def test_recipes_saved_by_the_previous_version_still_parse():
+    """recipe.yaml next to a 0.1 checkpoint: ``adapter`` and llm-compressor's pruning fields, all set."""
+    saved = {"sparsity": 0.5, "sparsity_profile": None, "mask_structure": "2:4", "owl_m": None, "owl_lmbda": None,
+             "sequential_update": True, "targets": ["Gemma3DecoderLayer"], "ignore": [], "adapter": "masked",
+             "method": "wanda", "noise_levels": 4}
+    with pytest.warns(DeprecationWarning):
+        modifier = SinkAwarePruningModifier(**saved)
+    assert (modifier.family, modifier.mask_structure) == ("masked", "2:4")
+    with pytest.raises(ValueError, match="not supported"):
+        SinkAwarePruningModifier(owl_m=5)
