@@ -37,10 +37,6 @@ class SinkCalibration:
             return None
         return self.trajectory.report(self.settings, self.family.name)
 
-    def batch_scales(self, batch_idx: int) -> torch.Tensor:
-        """Row scales [B, G, T] of calibration batch ``batch_idx`` for the stream now running."""
-        return self.scales.batch_scales(batch_idx, self.current_stream())
-
     @contextlib.contextmanager
     def feeding(self, model: torch.nn.Module, states: list[DenoisingState]) -> Iterator[None]:
         """While the pipeline runs ``states``: the family's calibration context, with its stream function."""

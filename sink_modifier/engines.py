@@ -31,8 +31,9 @@ class RowWeighting(BaseModel):
         self._weigh = weigh
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, output: torch.Tensor):
-        inputs = args[0] if self._weigh is None else self._weigh(module, args[0])
-        super().calibrate_module(module, (inputs, *args[1:]), output)
+        if self._weigh is None:
+            raise RuntimeError(f"{type(self).__name__} calibrated before weigh_rows_with() was called")
+        super().calibrate_module(module, (self._weigh(module, args[0]), *args[1:]), output)
 
     def compress_modules(self):
         if is_distributed():  # llm-compressor 0.14 prunes each rank from its own shard otherwise

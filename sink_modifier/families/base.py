@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 
 from sink_modifier.errors import UserError
+from sink_modifier.hooks import removing
 
 
 class FamilyError(UserError):
@@ -127,8 +128,6 @@ class AttentionMeasurement:
     ) -> tuple[list[DenoisingState], dict[str | None, torch.Tensor]]:
         """Run ``sample()`` under the probe and keep each forward's masses (for samplers that make exactly one
         full forward per recorded state, on that state's tokens)."""
-        from sink_modifier.hooks import removing
-
         masses = []
         with removing(model.register_forward_hook(lambda *_: masses.append(probe.pop_masses()))):
             states = sample()
