@@ -34,6 +34,9 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import (  # noqa: F401
     PRUNABLE_LAYER_TYPES,
     SparsityModifierBase,
 )
+
+# Wanda's mask selection (the diagnostic reruns it with and without sink weights), likewise a deep module.
+from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight  # noqa: F401
 from loguru import logger
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight
 
+from sink_modifier.compat import sparsify_weight
 from sink_modifier.families import base_model, no_cache_kwargs
 from sink_modifier.trajectory import TrajectoryResult
 
