@@ -123,7 +123,8 @@ def test_editing_tqdm_bars_reaches_every_bar_and_is_undone():
 
 UPSTREAM_INTERNALS = [
     r"\b_global_mapping\b", r"\._attn_implementation", r"_CALIBRATE_ALL_EXPERTS", r"tqdm\.__init__",
-    r"(?<!self)\._modules\b", r"sgpt_base", r"wanda_sparsify", r"\._row_scalars", r"\._hessians\b", r"\._num_samples",
+    r"(?<!self)\._modules\b", r"sgpt_base", r"wanda_sparsify", r"\._row_scalars", r"\._hessians\b",
+    r"\._num_samples",
     r"\.save_pretrained = ",
 ]
 
