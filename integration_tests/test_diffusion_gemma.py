@@ -187,10 +187,16 @@ def test_fp8_recipe_reloads_experts_exactly(diffusion_gemma_path, tmp_path):
     assert model.generate(torch.tensor([[2, 10, 11]]), max_new_tokens=8).sequences.shape == (1, 11)
 
 
-def test_trajectory_buffers_stay_off_the_model_device(diffusion_gemma_path):
-    """What grows with samples x steps (states, self-conditioning, scores, row scales) lives on the CPU,
-    and self-conditioning is kept as [canvas, hidden] signals, never [canvas, vocabulary] logits."""
-    model = load(diffusion_gemma_path)
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator "
+                                                  "to check that buffers leave the model's device")),
+])
+def test_trajectory_buffers_stay_off_the_model_device(diffusion_gemma_path, device):
+    """What grows with samples x steps (states, self-conditioning, scores, row scales) lives on the CPU (only
+    checkable with the model on an accelerator), and self-conditioning is kept as [canvas, hidden] signals,
+    never [canvas, vocabulary] logits."""
+    model = load(diffusion_gemma_path).to(device)
     SharedWeights.prepare(model)
     settings = TrajectorySettings(**SAMPLER)
     samples = [torch.arange(10, 42), torch.arange(50, 90)]

@@ -71,7 +71,6 @@ def test_recipe_roundtrip(dlm_path, tmp_path, recipe, pipeline):
     assert set(report["aggregate"]) >= {"spatial_variance", "centroid_temporal_variance"}
     for sample in report["samples"]:  # per position: mean and variance of the sink score across states
         assert len(sample["extra"]["score_variance"][0]) == sample["length"]
-        assert all(0 <= v <= 0.25 for v in sample["extra"]["score_variance"][0])
     # the recipe saved next to the checkpoint parses again (the modifier is registered under its class name)
     assert recipe_modifier(out / "recipe.yaml").mask_structure == sink.mask_structure
 

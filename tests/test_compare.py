@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -198,7 +199,11 @@ def test_compare_command_on_a_toy_dlm(capsys, dlm_path, tmp_path):
     assert ("sink_wanda_random", "wanda_noised") in names and ("sink_wanda_all", "sink_wanda_random") in names
     for entry in summary["comparisons"]:
         r = entry["sparsity"]["0.5"]
-        assert len(r["draws"]) == 2 and r["verdict"] in ("better", "worse", "not resolved")
+        assert len(r["draws"]) == 2
+        mean, spread = statistics.fmean(r["draws"]), statistics.stdev(r["draws"])
+        assert (r["mean"], r["spread"]) == pytest.approx((mean, spread))
+        resolved = abs(mean) > spread and not abs(mean) <= 2 * r["mc_se"]  # the rule docs/cli.md states
+        assert r["verdict"] == (("better" if mean < 0 else "worse") if resolved else "not resolved")
     assert "sink_wanda_random (random-row control)" in out and "sink_wanda_all − sink_wanda_random" in out
     assert "wanda_noised (ablation)" in out and (output / "table.png").stat().st_size > 10_000
 

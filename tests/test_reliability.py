@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from llmcompressor import oneshot
-from llmcompressor.recipe import Recipe
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
@@ -56,17 +54,6 @@ def test_interrupted_save_leaves_no_output_directory(tmp_path):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.iterdir()), "no staging directory is left behind"
-
-
-def test_failure_during_calibration_writes_nothing(dlm_path, tmp_path, monkeypatch):
-    def boom(self, *args, **kwargs):
-        raise RuntimeError("injected failure during calibration")
-
-    monkeypatch.setattr(SinkAwarePruningModifier, "on_sequential_epoch_end", boom)
-    with pytest.raises(RuntimeError, match="injected"):
-        oneshot(model=load_model(dlm_path), dataset=calibration_dataset(dlm_path), output_dir=str(tmp_path / "o"),
-                recipe=[SinkAwarePruningModifier()])
-    assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_existing_directory_keeps_other_files_and_gets_a_complete_checkpoint(dlm_path, tmp_path):
@@ -117,25 +104,29 @@ def test_overflowing_activation_is_reported_with_the_module(dlm_path):
         oneshot(model=model, dataset=calibration_dataset(dlm_path), recipe=[SinkAwarePruningModifier()])
 
 
-def test_recipes_are_parsed_with_a_safe_loader():
-    hostile = "sparsity_stage:\n  sparsity_modifiers: !!python/object/apply:os.system ['echo pwned']\n"
-    with pytest.raises((yaml.YAMLError, ValueError)):
-        Recipe.create_instance(hostile)
-
-
 def test_too_short_samples_are_refused(dlm_path):
     with pytest.raises(ValueError, match="at least 2"):
         run_trajectory(load_model(dlm_path), MASKED, [torch.tensor([7])],
                        TrajectorySettings(), progress=False)
 
 
+def test_per_sample_scores_keep_no_per_layer_copy(dlm_path):
+    """In the global scope (masses summed over layers, as the paper) a state's scores are one row, not L."""
+    model = load_model(dlm_path)
+    result = run_trajectory(model, MASKED, [torch.arange(5, 25), torch.arange(7, 40)],
+                            TrajectorySettings(noise_levels=3), progress=False)
+    for sample in result.samples:
+        assert sample.scores.shape == (3, 1, sample.tokens.numel())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an accelerator: on the CPU every buffer is on "
+                    "the model's device, so keeping them off it cannot be checked")
 def test_per_sample_buffers_live_on_cpu(dlm_path):
     """What grows with samples x states (token ids, scores, row scales) is kept off the model's device."""
-    model = load_model(dlm_path)
+    model = load_model(dlm_path).to("cuda")
     result = run_trajectory(model, MASKED, [torch.arange(5, 25), torch.arange(7, 40)],
                             TrajectorySettings(noise_levels=3), progress=False)
     for sample in result.samples:
         tensors = [sample.tokens, sample.scores, sample.row_scales, sample.mean_row_scales]
         tensors += [t for state in sample.states for t in (state.input_ids, state.valid)]
         assert {t.device.type for t in tensors} == {"cpu"}
-        assert sample.scores.shape == (3, 1, sample.tokens.numel())  # no per-layer copy in the global scope

@@ -30,7 +30,9 @@ def test_import_registers_under_class_name():
     (modifier,) = recipe.modifiers
     assert isinstance(modifier, SinkAwarePruningModifier)
     assert (modifier.sparsity, modifier.mask_structure, modifier.method) == (0.6, "2:4", "sparsegpt")
-    assert sink_modifier.DiffusionPipeline is not None
+    from llmcompressor.pipelines.registry import CalibrationPipeline
+
+    assert CalibrationPipeline.get_value_from_registry("diffusion") is sink_modifier.DiffusionPipeline
 
 
 @pytest.mark.parametrize(
