@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -154,16 +153,19 @@ def test_local_path_that_does_not_exist(capsys, tmp_path):
     assert code == 1 and "no_such_model: no such directory" in err
 
 
-def test_a_typo_fails_in_under_a_second_from_the_shell(tmp_path):
-    """The installed script checks MODEL before importing torch or llm-compressor."""
+def test_a_typo_fails_before_torch_is_imported(tmp_path):
+    """The installed script checks MODEL before importing torch, transformers or llm-compressor (seconds of
+    imports): Python's import log of the real process must not name them."""
     command = [shutil.which("sink-prune")] if shutil.which("sink-prune") else [sys.executable, "-m", "sink_prune"]
-    start = time.perf_counter()
     result = subprocess.run([*command, "run", "no_such_model", "--recipe", str(RECIPE), "--text-file", __file__,
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - start
-    assert result.returncode == 1 and result.stderr.strip() == (
-        "sink-prune run: error: no_such_model: no such directory (a Hugging Face Hub id has the form org/name)")
-    assert elapsed < 1.0, elapsed
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    imports = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "import time:" in line]
+    errors = [line for line in result.stderr.splitlines() if "import time:" not in line]
+    assert "argparse" in imports  # the import log is really on
+    assert not {"torch", "transformers", "llmcompressor"} & set(imports)
+    assert result.returncode == 1 and errors == [
+        "sink-prune run: error: no_such_model: no such directory (a Hugging Face Hub id has the form org/name)"]
     assert not (tmp_path / "out").exists()
 
 
@@ -231,7 +233,9 @@ def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
         diagnostic = report["diagnostic"]
         assert (diagnostic["sparsity"], diagnostic["mask_structure"]) == (0.5, "0:0")
         assert [layer["layer"] for layer in diagnostic["layers"]] == ["model.layers.0", "model.layers.1"]
-        assert 0.0 <= diagnostic["moved_decisions"] <= 1.0
+        # every layer of the toy has the same Linears, so the model's share is the layers' plain mean
+        layer_shares = [layer["moved_decisions"] for layer in diagnostic["layers"]]
+        assert diagnostic["moved_decisions"] == pytest.approx(sum(layer_shares) / len(layer_shares))
         assert diagnostic["verdict"] in out
     assert "Wanda decisions moved" in out and f"{dlm['diagnostic']['moved_decisions']:.2%}" in out
 
@@ -313,7 +317,7 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     cloze = json.loads((output / "results.json").read_text())["bundled_cloze_accuracy"]
     assert list(cloze) == ["dense", "wanda", "sink_aware_wanda"]
     if all(value is not None for value in cloze.values()):  # lm-eval installed (the eval extra)
-        assert all(0 <= value <= 1 for value in cloze.values())
+        assert all(value * 8 == round(value * 8) for value in cloze.values())  # k of the 8 items
         assert "bundled_cloze accuracy (lm-eval, 8 items, chance 0.25): dense " in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
