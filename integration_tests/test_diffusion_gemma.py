@@ -107,6 +107,7 @@ def test_decoder_masses_sit_at_absolute_positions(diffusion_gemma_path):
         torch.testing.assert_close(decoder[layer], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampler_trajectory_through_oneshot(diffusion_gemma_path, tmp_path):
     """Pruned through oneshot on generate()'s own states, saved, reloaded, generating; same seed, same masks."""
     dense = load(diffusion_gemma_path)

@@ -19,6 +19,7 @@ from sink_modifier import SinkAwarePruningModifier
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, pipeline", [("wanda", "independent"), ("sparsegpt", "diffusion")])
 def test_two_ranks_prune_like_one(dlm_path, tmp_path, method, pipeline):
     dataset_dir = tmp_path / "data"

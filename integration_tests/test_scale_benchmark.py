@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 
+@pytest.mark.slow
 def test_scale_quick_prints_both_tables(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-docs", "--workdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=900)
