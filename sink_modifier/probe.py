@@ -8,6 +8,7 @@ real attention call and leaves the model's own output untouched.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from sink_modifier import compat
 
@@ -22,7 +24,7 @@ __all__ = ["AttentionProbe", "AttentionProbeError", "attention_key_mass"]
 
 _ROUTES = ("auto", "interface", "sdpa")
 _BYPASS_HINT = (
-    "attention bypassed the probe: flash/flex attention or a functional import of SDPA; "
+    "attention bypassed the probe: flash/flex attention or a hand-written softmax; "
     "use attn_implementation='sdpa' or 'eager'"
 )
 _probe_ids = itertools.count()
@@ -212,6 +214,7 @@ class AttentionProbe:
         self._records: dict[str, list[torch.Tensor]] = {n: [] for n in self.layer_names}
         self._undo: list[Callable[[], Any]] = []
         self._active: list[str] = []
+        self._mode: _SdpaRecorder | None = None
         self._installed = False
 
     def __enter__(self) -> AttentionProbe:
@@ -307,37 +310,34 @@ class AttentionProbe:
             compat.use_attention_implementation(config, name)
 
     def _install_sdpa(self) -> None:
-        original = torch.nn.functional.scaled_dot_product_attention
+        """Record every SDPA call made inside a probed module, and only those.
 
-        def probed_sdpa(
-            query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-            is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
-            **kwargs: Any,
-        ) -> torch.Tensor:
-            if not self._active:
-                raise AttentionProbeError("SDPA called outside a probed layer")
-            out = original(
-                query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kwargs,
-            )
-            self._record(self._active[-1], query, key, attn_mask, scale, is_causal)
-            return out
-
-        torch.nn.functional.scaled_dot_product_attention = probed_sdpa
-        self._undo.append(
-            partial(setattr, torch.nn.functional, "scaled_dot_product_attention", original)
-        )
+        Remote code calls ``torch.nn.functional.scaled_dot_product_attention`` directly, so there is no
+        per-model interface to plug into. A ``TorchFunctionMode`` (torch's public interception API; its mode
+        stack is per thread) is pushed when a probed module starts and popped when it returns: SDPA calls of
+        any other model or thread, and everything outside the probed modules, never see the probe.
+        """
         for name, module in self._modules.items():
             self._undo.append(module.register_forward_pre_hook(partial(self._enter, name)).remove)
             self._undo.append(module.register_forward_hook(self._leave, always_call=True).remove)
+        self._undo.append(self._leave_all)
 
     def _enter(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.route == "sdpa" and not self._active:
+            self._mode = _SdpaRecorder(self)
+            self._mode.__enter__()
         self._active.append(name)
 
     def _leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._active:
             self._active.pop()
+        if not self._active and self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    def _leave_all(self) -> None:
+        while self._active:
+            self._leave(None, (), None)
 
     # -- recording ----------------------------------------------------------------------------
 
@@ -395,6 +395,31 @@ class AttentionProbe:
         )
         self._records[name].append(mass.detach())
         return out, None
+
+
+class _SdpaRecorder(TorchFunctionMode):
+    """Inside one probed module: run SDPA as called and record its attention mass for that module."""
+
+    def __init__(self, probe: AttentionProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            call = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+            self.probe._record(self.probe._active[-1], call["query"], call["key"], call.get("attn_mask"),
+                               call.get("scale"), bool(call.get("is_causal", False)))
+        return out
+
+
+def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """SDPA's signature (the builtin has none that ``inspect`` can read)."""
+
+
+_SDPA_SIGNATURE = inspect.signature(_sdpa_reference)
 
 
 class _AllLayersMeasured(Exception):
