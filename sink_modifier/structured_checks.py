@@ -108,9 +108,6 @@ def plan_widths(model: torch.nn.Module, structure: LayerWidths, modifier, modifi
         if kept_channels < multiple:
             raise UserError(f"sparsity {sparsity} keeps {channels * (1 - sparsity):.0f} of {channels} MLP "
                             f"channels, fewer than the rounding multiple {multiple}; lower sparsity or round_to")
-        if kept_channels == channels:
-            raise UserError(f"sparsity {sparsity} removes no MLP channel once the kept channels are rounded "
-                            f"to a multiple of {multiple}; raise sparsity or lower round_to")
     kept_kv = kv_heads
     if head_sparsity > 0:
         removed = kv_heads * head_sparsity

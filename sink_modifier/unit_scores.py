@@ -54,6 +54,6 @@ def kept_units(importance: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def kept_count(total: int, sparsity: float, multiple: int = 1) -> int:
-    """Units kept when ``sparsity`` of ``total`` go: the nearest multiple of ``multiple``, at most ``total``."""
-    kept = math.floor(total * (1.0 - sparsity) / multiple + 0.5) * multiple
-    return min(kept, total - total % multiple) if kept > total else kept
+    """Units kept when ``sparsity`` of ``total`` go, rounded down to a multiple of ``multiple`` (so at least the
+    asked share is removed)."""
+    return math.floor(total * (1.0 - sparsity) / multiple + 1e-9) * multiple
