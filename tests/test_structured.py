@@ -280,3 +280,29 @@ def test_diffusion_gemma_is_refused_in_one_line(diffusion_gemma_path):
     with pytest.raises(FamilyError, match="DiffusionGemma: structured pruning does not yet") as refused:
         structure.check(model.config, channels=True, heads=False)
     assert "\n" not in str(refused.value)
+
+
+def test_compare_structured_runs_every_method_over_draws(capsys, dlm_path, tmp_path):
+    from conftest import CALIBRATION_TEXTS
+    from sink_modifier.cli import main
+    from sink_modifier.compare_structured import STRUCTURED_METHODS
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
+    output = tmp_path / "compare"
+    code = main(["compare", str(dlm_path), "--structured", "--sparsities", "0.5/0.5", "--draws", "2",
+                 "--num-samples", "2", "--max-seq-length", "32", "--text-file", str(text),
+                 "--eval-file", str(text), "--eval-documents", "2", "--num-mc-samples", "2", "--noise-levels", "3",
+                 "--output", str(output), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "50% ch + 50% KV" in out
+    summary = json.loads((output / "results.json").read_text())
+    assert len(summary["cells"]) == 1 + 1 + 5 * 2  # dense, magnitude once, five data methods x two draws
+    assert set(summary["methods"]) == set(STRUCTURED_METHODS)
+    dense_parameters = summary["cells"]["dense|-|0"]["parameters"]
+    for key, cell in summary["cells"].items():
+        if not key.startswith("dense"):
+            assert cell["parameters"] < 0.8 * dense_parameters, key
+    names = {(c["a"], c["b"]) for c in summary["comparisons"]}
+    assert ("sink_structured-wanda_all", "structured-wanda_noised") in names
+    assert ("sink_structured-wanda_all", "sink_structured-wanda_random") in names
