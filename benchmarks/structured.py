@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from sink_modifier.bundled import bundled_model_path, load_eval_slice
 from sink_modifier.families.structure import HF_DECODER
 from sink_modifier.sampling import masked_diffusion_sample
 from sink_modifier.slicing import keep_units
+from sink_modifier.speed import denoising_batch, interleaved_medians
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sinks import write_docs  # noqa: E402  (one writer of the docs blocks for every benchmark)
@@ -80,50 +79,25 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 @torch.no_grad()
 def measure(paths: dict[str, Path], args, device: torch.device) -> dict[str, dict]:
     models = {label: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
               for label, path in paths.items()}
     config = next(iter(models.values())).config
-    generator = torch.Generator().manual_seed(0)
-    batch = torch.randint(10, config.vocab_size, (args.batch, args.length), generator=generator)
-    batch[torch.rand(batch.shape, generator=generator) < 0.25] = config.mask_token_id
-    batch = batch.to(device)
-    prompt = torch.randint(10, config.vocab_size, (32,), generator=generator)
-
-    def step(model):
-        return lambda: model(input_ids=batch, use_cache=False)
-
-    def generate(model):
-        return lambda: masked_diffusion_sample(model, prompt, answer_length=args.answer, steps=args.steps,
-                                               mask_token_id=config.mask_token_id)
-
-    steps = {label: [] for label in models}
-    generations = {label: [] for label in models}
-    for model in models.values():  # warm-up
-        step(model)()
-        generate(model)()
-    for _ in range(args.repeats):  # interleaved: every model sees the same machine state
-        for label, model in models.items():
-            steps[label].append(timed(step(model), device))
-        for label, model in models.items():
-            generations[label].append(timed(generate(model), device))
+    batch = denoising_batch(config, args.batch, args.length).to(device)
+    prompt = denoising_batch(config, 1, 32, masked=0.0, seed=1)[0]
+    steps = interleaved_medians({label: (lambda m=model: m(input_ids=batch, use_cache=False))
+                                 for label, model in models.items()}, args.repeats, device)
+    generations = interleaved_medians({
+        label: (lambda m=model: masked_diffusion_sample(m, prompt, answer_length=args.answer, steps=args.steps,
+                                                         mask_token_id=config.mask_token_id))
+        for label, model in models.items()}, args.repeats, device)
     return {
         label: dict(
             parameters=sum(p.numel() for p in model.parameters()),
             bytes=checkpoint_bytes(paths[label]),
-            step=statistics.median(steps[label]),
-            generate=statistics.median(generations[label]),
+            step=steps[label],
+            generate=generations[label],
             widths=(model.config.intermediate_size, model.config.num_attention_heads,
                     model.config.num_key_value_heads),
         )
