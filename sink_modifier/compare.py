@@ -34,9 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sink_modifier import compare_structured
-from sink_modifier.compare_structured import STRUCTURED_METHODS, STRUCTURED_SPARSITIES
-
 __all__ = ["CompareConfig", "METHODS", "QUICK", "add_arguments", "main", "recipe", "run_compare"]
 
 ENGINES = ("wanda", "sparsegpt")
@@ -45,6 +42,10 @@ METHODS = ("magnitude", *ENGINES, *(f"{e}_noised" for e in ENGINES),
            *(f"sink_{e}_{s}" for s in SELECTIONS for e in ENGINES))
 QUICK = dict(sparsities=("0.5",), num_samples=2, max_seq_length=64, eval_documents=6, mc_samples=2)
 DATA_FREE = ("magnitude", "structured-magnitude")  # run once: they use no calibration data
+# --structured (sink_modifier.compare_structured builds their recipes)
+STRUCTURED_METHODS = ("structured-magnitude", "structured-wanda", "structured-wanda_noised",
+                      *(f"sink_structured-wanda_{s}" for s in SELECTIONS))
+STRUCTURED_SPARSITIES = ("0.25", "0.5", "0.5/0.5")
 
 
 @dataclass
@@ -94,6 +95,8 @@ def recipe(method: str, sparsity: str, targets: list[str], *, seed: int = 0, noi
     from sink_modifier.scope import never_pruned_ignore
 
     if method in STRUCTURED_METHODS:
+        from sink_modifier import compare_structured
+
         return compare_structured.recipe(method, sparsity, targets, seed=seed, noise_levels=noise_levels)
     ignore = never_pruned_ignore("lm_head", "embed")  # as sink-prune demo: the decoder layers' Linears
     structured = ":" in sparsity

@@ -12,17 +12,13 @@ groups removed by ``SinkAwareStructuredPruningModifier``:
 * ``sink_structured-wanda_random``: the random-row control.
 
 A structured sparsity is ``C`` (share of MLP channels removed) or ``C/H`` (and share of KV-head groups).
-This module imports nothing heavy at load time (the CLI reads it for ``--help``).
+The method names and default sparsities are ``compare.STRUCTURED_METHODS`` / ``STRUCTURED_SPARSITIES`` (the
+CLI reads them for ``--help`` without importing anything heavy).
 """
 
 from __future__ import annotations
 
-__all__ = ["STRUCTURED", "STRUCTURED_METHODS", "STRUCTURED_SPARSITIES", "label", "recipe"]
-
-STRUCTURED = "structured-wanda"
-STRUCTURED_METHODS = ("structured-magnitude", STRUCTURED, f"{STRUCTURED}_noised",
-                      *(f"sink_{STRUCTURED}_{s}" for s in ("all", "unstable", "random")))
-STRUCTURED_SPARSITIES = ("0.25", "0.5", "0.5/0.5")
+__all__ = ["label", "recipe", "widths"]
 
 
 def widths(sparsity: str) -> tuple[float, float]:
@@ -62,7 +58,7 @@ def recipe(method: str, sparsity: str, targets: list[str], *, seed: int = 0, noi
     common = dict(sparsity=channels, head_sparsity=heads, targets=targets, seed=seed, noise_levels=noise_levels)
     if method == "structured-magnitude":
         return [SinkAwareStructuredPruningModifier(method="magnitude", **common)], "independent"
-    if method == STRUCTURED:
+    if method == "structured-wanda":
         return [_clean_structured_wanda()(**common)], "independent"
     selection = "none" if method.endswith("_noised") else method.rsplit("_", 1)[1]
     return [SinkAwareStructuredPruningModifier(sink_selection=selection, **common)], "diffusion"

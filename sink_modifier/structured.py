@@ -122,6 +122,8 @@ class SinkAwareStructuredPruningModifier(Modifier, SinkRowWeighting):
                 continue
             moments = None if self.method == "magnitude" else {
                 linear: self._moments.pop(linear) for linear, _ in units.columns}
+            if moments is not None and not all(m.samples for m in moments.values()):
+                raise RuntimeError(f"{name} received no calibration rows, so its units cannot be ranked")
             chosen = kept_units(unit_importance(units, moments), keep)
             keep_units(units, chosen)
             kept[key] = chosen.tolist()

@@ -285,7 +285,7 @@ def test_diffusion_gemma_is_refused_in_one_line(diffusion_gemma_path):
 def test_compare_structured_runs_every_method_over_draws(capsys, dlm_path, tmp_path):
     from conftest import CALIBRATION_TEXTS
     from sink_modifier.cli import main
-    from sink_modifier.compare_structured import STRUCTURED_METHODS
+    from sink_modifier.compare import STRUCTURED_METHODS
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
