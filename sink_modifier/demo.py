@@ -202,7 +202,8 @@ def _print_demo(output: Path, results: dict, sparsity: dict, summary: dict, conf
     for name, result in results.items():
         change = "" if name == "dense" else _format_paired_difference(
             paired_difference(result, results["dense"]))
-        rows.append([labels[name], f"{sparsity[name]:.1%}", format_perplexity(result),
+        zeros = "—" if name == "sink_structured" else f"{sparsity[name]:.1%}"  # smaller, not sparse
+        rows.append([labels[name], zeros, format_perplexity(result),
                      f"{result.nll_per_token:.4f}", change])
     print(f"Bundled DLM, 50% unstructured Wanda, calibrated on {config.calibration_samples} samples x "
           f"10 noise levels; ELBO on {results['dense'].num_tokens} tokens, "
