@@ -15,14 +15,15 @@ from transformers import AutoModelForCausalLM
 
 import sink_modifier.pipeline
 import sink_modifier.sink_rows
-from sink_modifier import SinkAwarePruningModifier
+from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
 
 
 def main(model_path: str, dataset_path: str, method: str, pipeline: str, output: str):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    modifier = SinkAwarePruningModifier(sparsity=0.5, method=method)
+    modifier = (SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5) if method == "structured"
+                else SinkAwarePruningModifier(sparsity=0.5, method=method))
     # Each rank passes its own shard (llm-compressor 0.14's automatic split of a shared dataset hands every
     # rank the first shard; see docs/failure-modes.md).
     dataset = load_from_disk(dataset_path).shard(num_shards=dist.get_world_size(), index=rank, contiguous=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
@@ -122,6 +123,9 @@ class SinkAwareStructuredPruningModifier(Modifier, SinkRowWeighting):
                 continue
             moments = None if self.method == "magnitude" else {
                 linear: self._moments.pop(linear) for linear, _ in units.columns}
+            if moments is not None and is_distributed():  # every rank saw its own shard
+                for moment in moments.values():
+                    moment.reduce_across_ranks()
             if moments is not None and not all(m.samples for m in moments.values()):
                 raise RuntimeError(f"{name} received no calibration rows, so its units cannot be ranked")
             chosen = kept_units(unit_importance(units, moments), keep)

@@ -35,6 +35,17 @@ class ColumnMoments:
     def add(self, linear: torch.nn.Linear, weighted_rows: torch.Tensor) -> None:
         self.values, self.samples = accumulate_row_scalars(weighted_rows, linear, self.values, self.samples)
 
+    def reduce_across_ranks(self) -> None:
+        """The all-data mean ``sum_r n_r mean_r / sum_r n_r`` when every rank calibrated on its own shard, so
+        every rank keeps the same units (llm-compressor's Wanda never reduces; ``compat`` does it for it)."""
+        import torch.distributed as dist
+
+        count = torch.tensor(float(self.samples), device=self.values.device)
+        total, weighted = count.clone(), self.values * count
+        dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self.values, self.samples = weighted / total, int(total.item())
+
 
 def unit_importance(units: PrunableUnits, moments: dict[torch.nn.Linear, ColumnMoments] | None) -> torch.Tensor:
     """I(u) for every unit [count] (float32); ``moments`` None: weight magnitude only."""
