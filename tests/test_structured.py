@@ -131,7 +131,6 @@ def reload_fresh(path) -> list:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
 def test_oneshot_round_trip_reloads_without_the_package(dlm_path, tmp_path, pipeline):
     model, modifier = _prune(dlm_path, pipeline, sparsity=0.5, head_sparsity=0.5)
@@ -145,7 +144,6 @@ def test_oneshot_round_trip_reloads_without_the_package(dlm_path, tmp_path, pipe
     assert reload_fresh(tmp_path / "out") == [128, 2, 1, 128, 64, True]
 
 
-@pytest.mark.slow
 def test_sink_selection_none_and_magnitude_choose_differently(dlm_path):
     """The sink weights reach the statistics: the no-sink ablation keeps other channels than sink-aware, and
     magnitude (no activations) keeps others again."""
@@ -157,7 +155,6 @@ def test_sink_selection_none_and_magnitude_choose_differently(dlm_path):
     assert kept["all"] != kept["none"] != kept["magnitude"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("pipeline, scheme, head_sparsity", [
     ("independent", "W4A16", 0.0), ("diffusion", "FP8", 0.5), ("independent", "FP8_DYNAMIC", 0.5),
 ])
@@ -173,7 +170,6 @@ def test_combines_with_quantization(dlm_path, tmp_path, pipeline, scheme, head_s
     assert reload_fresh(tmp_path / "out")[:3] == [128, heads, heads // 2]
 
 
-@pytest.mark.slow
 def test_structured_then_unstructured_composes_in_the_independent_pipeline(dlm_path):
     unstructured = SinkAwarePruningModifier(sparsity=0.5, **FAST)
     model, _ = _prune(dlm_path, extra=[unstructured], sparsity=0.5)
@@ -306,3 +302,27 @@ def test_compare_structured_runs_every_method_over_draws(capsys, dlm_path, tmp_p
     names = {(c["a"], c["b"]) for c in summary["comparisons"]}
     assert ("sink_structured-wanda_all", "structured-wanda_noised") in names
     assert ("sink_structured-wanda_all", "sink_structured-wanda_random") in names
+
+
+def test_cli_run_eval_inspect_on_a_structured_checkpoint(capsys, dlm_path, tmp_path):
+    from pathlib import Path
+
+    from conftest import CALIBRATION_TEXTS
+    from sink_modifier.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
+    recipe = Path(__file__).parents[1] / "recipes" / "sink_structured_50.yaml"
+    output = tmp_path / "pruned"
+    assert main(["run", str(dlm_path), "--recipe", str(recipe), "--text-file", str(text), "--num-samples", "4",
+                 "--max-seq-length", "48", "--output", str(output), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "remain" in out  # the run summary says what structured pruning removed
+    assert json.loads((output / "config.json").read_text())["intermediate_size"] == 128
+    assert json.loads((output / "sink_report.json").read_text())["structured"]["heads"] == [4, 2]
+    assert main(["eval", str(output), "--text-file", str(text), "--num-samples", "2", "--num-mc-samples", "2",
+                 "--quiet"]) == 0
+    assert "ELBO perplexity" in capsys.readouterr().out
+    assert main(["inspect", str(output), "--text-file", str(text), "--num-samples", "2", "--noise-levels", "2",
+                 "--output", str(tmp_path / "sinks"), "--quiet"]) == 0
+    assert (tmp_path / "sinks" / "sink_report.json").is_file()
