@@ -106,6 +106,25 @@ def test_slicing_equals_dropping_the_removed_units(dlm_path):
     torch.testing.assert_close(sliced(input_ids=tokens).logits, dense(input_ids=tokens).logits)
 
 
+@torch.no_grad()
+def test_rows_take_their_bias_and_columns_keep_it():
+    from sink_modifier.slicing import keep_columns, keep_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    producer, consumer = torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)
+    kept = torch.tensor([0, 2, 3])
+    expected_rows = producer(x)[:, kept]
+    dropped = consumer.weight.clone()
+    dropped[:, [1, 4]] = 0
+    expected = torch.nn.functional.linear(producer(x), dropped, consumer.bias)
+    keep_rows(producer, kept)
+    keep_columns(consumer, kept)
+    torch.testing.assert_close(producer(x), expected_rows)
+    torch.testing.assert_close(consumer(producer(x)), expected)
+    assert (producer.out_features, consumer.in_features, consumer.bias.shape) == (3, 3, (4,))
+
+
 # ---- real runs ----
 
 RELOAD = textwrap.dedent("""
@@ -194,6 +213,24 @@ def test_llada_channels_shrink_and_reload(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mlp_hidden_size"] == 128
     reloaded = load_repaired(tmp_path / "out", trust_remote_code=True)
     assert reloaded.model.transformer.blocks[0].ff_out.in_features == 128
+
+
+def test_dream_channels_shrink_and_heads_are_refused(tmp_path):
+    from sink_modifier.loading import load_model as load_repaired
+    from tests.layouts import build_tiny_dream
+
+    path = build_tiny_dream(tmp_path / "dream")
+    dataset = calibration_dataset(path, ["t5 t6 t7 t8 t9 t10 t11 t12", "t20 t21 t22 t23 t24 t25 t26 t27"])
+    model = load_repaired(path, trust_remote_code=True)
+    with pytest.raises(FamilyError, match="Dream's code derives head_dim"):
+        oneshot(model=model, dataset=dataset, trust_remote_code_model=True,
+                recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5, **FAST)])
+    model = load_repaired(path, trust_remote_code=True)
+    oneshot(model=model, dataset=dataset, trust_remote_code_model=True, shuffle_calibration_samples=False,
+            recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, **FAST)])
+    layer = model.model.layers[0]
+    assert model.config.intermediate_size == 128 and layer.mlp.down_proj.in_features == 128
+    assert layer.mlp.gate_proj.weight.shape[0] == layer.mlp.up_proj.weight.shape[0] == 128
 
 
 # ---- refusals, all before calibration ----
