@@ -10,8 +10,7 @@ modifier observes the smaller weight.
 from __future__ import annotations
 
 import torch
-from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams
-from compressed_tensors.quantization.quant_metadata import QuantizationMetadata
+from compressed_tensors.quantization import QuantizationMetadata, initialize_qparams
 
 from sink_modifier.families.base import PrunableUnits
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
-from llmcompressor.modifiers.quantization import QuantizationModifier
-from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from llmcompressor.modifiers.quantization import QuantizationMixin, QuantizationModifier
 
+from sink_modifier.compat import SparsityModifierBase
 from sink_modifier.errors import UserError
 from sink_modifier.families.base import LayerWidths, PrunableUnits
 from sink_modifier.modifier import SinkAwarePruningModifier
