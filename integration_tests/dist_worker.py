@@ -13,21 +13,22 @@ from llmcompressor import oneshot
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-import sink_modifier.modifier
 import sink_modifier.pipeline
-from sink_modifier import SinkAwarePruningModifier
+import sink_modifier.sink_rows
+from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
 
 
 def main(model_path: str, dataset_path: str, method: str, pipeline: str, output: str):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    modifier = SinkAwarePruningModifier(sparsity=0.5, method=method)
+    modifier = (SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5) if method == "structured"
+                else SinkAwarePruningModifier(sparsity=0.5, method=method))
     # Each rank passes its own shard (llm-compressor 0.14's automatic split of a shared dataset hands every
     # rank the first shard; see docs/failure-modes.md).
     dataset = load_from_disk(dataset_path).shard(num_shards=dist.get_world_size(), index=rank, contiguous=True)
     local_samples = []  # this rank's share of the calibration set, as its trajectory phase saw it
-    for module in (sink_modifier.modifier, sink_modifier.pipeline):
+    for module in (sink_modifier.sink_rows, sink_modifier.pipeline):
         measure = module.run_trajectory
         module.run_trajectory = lambda model, family, samples, *a, measure=measure, **k: (
             local_samples.append(len(samples)) or measure(model, family, samples, *a, **k))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from llmcompressor import oneshot
 from safetensors.torch import load_file
 
@@ -49,3 +50,29 @@ def test_two_ranks_prune_like_one(dlm_path, tmp_path, method, pipeline):
             assert differ < 0.01, (name, differ)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_samples"] == modifier.report["num_samples"] == 8
+
+
+@pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+def test_two_ranks_shrink_like_one(dlm_path, tmp_path, pipeline):
+    """Structured statistics are reduced across ranks: both ranks keep the units one process keeps."""
+    from sink_modifier import SinkAwareStructuredPruningModifier
+
+    dataset_dir = tmp_path / "data"
+    calibration_dataset(dlm_path).save_to_disk(dataset_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(WORKER), str(dlm_path), str(dataset_dir), "structured", pipeline, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["local_samples"] for r in (0, 1)] == [4, 4]
+    model = load_model(dlm_path)
+    oneshot(model=model, dataset=calibration_dataset(dlm_path), pipeline=pipeline,
+            recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5)],
+            shuffle_calibration_samples=False)
+    single = {n: p.detach() for n, p in model.named_parameters() if "layers" in n}
+    distributed = load_file(tmp_path / "weights.safetensors")
+    for name, weight in single.items():
+        assert torch.equal(weight, distributed[name]), name  # the same units kept, sliced from the same weights
+

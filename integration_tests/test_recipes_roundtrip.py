@@ -16,8 +16,10 @@ from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
 
 # DiffusionGemma's recipe needs a DiffusionGemma model: integration_tests/test_diffusion_gemma.py runs it.
+# Structured recipes write smaller models: test_structured_recipe_roundtrip below.
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml")
-                 if not p.stem.startswith("diffusiongemma"))
+                 if not p.stem.startswith(("diffusiongemma", "sink_structured")))
+STRUCTURED_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("sink_structured*.yaml"))
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -73,6 +75,37 @@ def test_recipe_roundtrip(dlm_path, tmp_path, recipe, pipeline):
         assert len(sample["extra"]["score_variance"][0]) == sample["length"]
     # the recipe saved next to the checkpoint parses again (the modifier is registered under its class name)
     assert recipe_modifier(out / "recipe.yaml").mask_structure == sink.mask_structure
+
+
+@pytest.fixture(scope="module")
+def wide_head_dlm(tmp_path_factory):
+    """A toy DLM whose kept widths (128 channels, 2 heads of 64) fit W4A16's group of 128."""
+    from sink_modifier.toy import build_toy_model
+
+    return build_toy_model(tmp_path_factory.mktemp("wide"), hidden_size=256, intermediate_size=256)
+
+
+@pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.parametrize("recipe", STRUCTURED_RECIPES, ids=lambda p: p.stem)
+def test_structured_recipe_roundtrip(wide_head_dlm, tmp_path, recipe, pipeline):
+    from sink_modifier import SinkAwareStructuredPruningModifier
+
+    model = load_model(wide_head_dlm)
+    out = tmp_path / "out"
+    oneshot(model=model, dataset=calibration_dataset(wide_head_dlm), recipe=str(recipe), pipeline=pipeline,
+            output_dir=str(out))
+    quantized = "quantization_stage" in recipe.read_text()
+    kwargs = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True,
+                                                          **kwargs)
+    assert not any(info.values()), info
+    config = reloaded.config
+    assert (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (128, 2, 1)
+    assert reloaded.model.layers[0].mlp.down_proj.weight.shape == (256, 128)
+    assert "structured" in json.loads((out / "sink_report.json").read_text())
+    (parsed,) = [m for m in Recipe.create_instance(str(out / "recipe.yaml")).modifiers
+                 if isinstance(m, SinkAwareStructuredPruningModifier)]
+    assert parsed.head_sparsity == 0.5
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])

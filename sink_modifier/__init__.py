@@ -1,7 +1,8 @@
 """Sink-aware pruning for diffusion language models, as an llm-compressor plugin.
 
-``import sink_modifier`` registers ``SinkAwarePruningModifier`` with llm-compressor's ``ModifierFactory``
-(under its class name, so recipes and the ``recipe.yaml`` saved next to a checkpoint both parse) and the
+``import sink_modifier`` registers ``SinkAwarePruningModifier`` and ``SinkAwareStructuredPruningModifier`` with
+llm-compressor's ``ModifierFactory`` (under their class names, so recipes and the ``recipe.yaml`` saved next to a
+checkpoint both parse) and the
 ``diffusion`` calibration pipeline, and teaches transformers to reload per-expert DiffusionGemma checkpoints.
 """
 
@@ -11,13 +12,16 @@ from sink_modifier.families.diffusion_gemma_checkpoint import prepare_model, reg
 from sink_modifier.loading import load_model, load_model_and_tokenizer
 from sink_modifier.modifier import SinkAwarePruningModifier
 from sink_modifier.pipeline import DiffusionPipeline
+from sink_modifier.structured import SinkAwareStructuredPruningModifier
 
 __all__ = [
-    "SinkAwarePruningModifier", "DiffusionPipeline", "load_model", "load_model_and_tokenizer", "prepare_model",
+    "SinkAwarePruningModifier", "SinkAwareStructuredPruningModifier", "DiffusionPipeline",
+    "load_model", "load_model_and_tokenizer", "prepare_model",
     "__version__",
 ]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)
+ModifierFactory.register(SinkAwareStructuredPruningModifier.__name__, SinkAwareStructuredPruningModifier)
 # Saved DiffusionGemma checkpoints keep per-expert keys; this lets from_pretrained fuse them back.
 register_checkpoint_conversion()

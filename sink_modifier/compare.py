@@ -20,6 +20,8 @@ consecutive chunks); each draw also seeds the forward noise. The differences to 
 control) are computed per draw and summarised by their mean and their spread over draws (sample std); a
 difference counts as resolved only when its mean exceeds that spread and twice the paired MC standard error.
 
+``--structured`` compares whole-channel / KV-group removal the same way (``sink_modifier.compare_structured``).
+
 This module imports nothing heavy at load time: the CLI loads it by path for ``--help``.
 """
 
@@ -39,6 +41,11 @@ SELECTIONS = ("all", "unstable", "random")
 METHODS = ("magnitude", *ENGINES, *(f"{e}_noised" for e in ENGINES),
            *(f"sink_{e}_{s}" for s in SELECTIONS for e in ENGINES))
 QUICK = dict(sparsities=("0.5",), num_samples=2, max_seq_length=64, eval_documents=6, mc_samples=2)
+DATA_FREE = ("magnitude", "structured-magnitude")  # run once: they use no calibration data
+# --structured (sink_modifier.compare_structured builds their recipes)
+STRUCTURED_METHODS = ("structured-magnitude", "structured-wanda", "structured-wanda_noised",
+                      *(f"sink_structured-wanda_{s}" for s in SELECTIONS))
+STRUCTURED_SPARSITIES = ("0.25", "0.5", "0.5/0.5")
 
 
 @dataclass
@@ -58,6 +65,7 @@ class CompareConfig:
     eval_seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
+    structured: bool = False  # sparsities are structured ("C" or "C/H"); see compare_structured
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, machine)
 
@@ -86,6 +94,10 @@ def recipe(method: str, sparsity: str, targets: list[str], *, seed: int = 0, noi
     from sink_modifier import SinkAwarePruningModifier
     from sink_modifier.scope import never_pruned_ignore
 
+    if method in STRUCTURED_METHODS:
+        from sink_modifier import compare_structured
+
+        return compare_structured.recipe(method, sparsity, targets, seed=seed, noise_levels=noise_levels)
     ignore = never_pruned_ignore("lm_head", "embed")  # as sink-prune demo: the decoder layers' Linears
     structured = ":" in sparsity
     value, mask = (0.5, sparsity) if structured else (float(sparsity), "0:0")
@@ -116,9 +128,9 @@ def draw_documents(count: int, draws: int, per_draw: int, seed: int) -> list[lis
 def _cells(config: CompareConfig) -> list[tuple[str, str | None, int]]:
     """(method, sparsity, draw): dense first, magnitude once (no data), then whole draws one after another."""
     cells = [("dense", None, 0)]
-    cells += [("magnitude", s, 0) for s in config.sparsities if "magnitude" in config.methods]
+    cells += [(m, s, 0) for m in DATA_FREE if m in config.methods for s in config.sparsities]
     cells += [(m, s, d) for d in range(config.draws) for s in config.sparsities for m in config.methods
-              if m != "magnitude"]
+              if m not in DATA_FREE]
     return cells
 
 
@@ -137,9 +149,11 @@ def run_compare(config: CompareConfig) -> dict:
     from sink_modifier.evaluation import perplexity
     from sink_modifier.workflows import load_model, pruned_fraction, read_samples, seed_everything
 
-    unknown = set(config.methods) - set(METHODS)
+    known = STRUCTURED_METHODS if config.structured else METHODS
+    unknown = set(config.methods) - set(known)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(known)}"
+                         + ("" if config.structured else " (or pass --structured)"))
     if config.model is None:
         from sink_modifier.bundled import bundled_model_path
 
@@ -181,6 +195,7 @@ def run_compare(config: CompareConfig) -> dict:
         result = evaluate(model)
         results[cell_key(method, sparsity, draw)] = {
             "method": method, "sparsity": sparsity, "draw": draw, "zeros": pruned_fraction(model),
+            "parameters": sum(p.numel() for p in model.parameters()),
             "prune_seconds": pruned - start, "eval_seconds": time.perf_counter() - pruned,
             **result.to_dict(), "sample_nlls": list(result.sample_nlls)}
         logger.debug(f"{method} {sparsity} draw {draw}: ppl {result.perplexity:.3f}")
@@ -208,9 +223,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one sparsity (50%%), 2 documents x 64 tokens per draw, 6 evaluation documents, "
                         "2 MC samples: every row of the table in a few minutes")
-    parser.add_argument("--sparsities", default="0.5,2:4,0.75", metavar="A,B",
+    parser.add_argument("--structured", action="store_true",
+                        help="remove whole MLP channels and KV-head groups instead (methods: "
+                        + ", ".join(STRUCTURED_METHODS) + "; sparsities C or C/H, default "
+                        + ",".join(STRUCTURED_SPARSITIES) + ")")
+    parser.add_argument("--sparsities", default=None, metavar="A,B",
                         help="fractions and/or N:M patterns (default: 0.5,2:4,0.75)")
-    parser.add_argument("--methods", default=",".join(METHODS), metavar="A,B",
+    parser.add_argument("--methods", default=None, metavar="A,B",
                         help="subset of: " + ", ".join(METHODS))
     parser.add_argument("--draws", type=int, default=2, metavar="D",
                         help="disjoint calibration draws (default: 2; at least 2 to measure the spread)")
@@ -235,15 +254,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    structured = getattr(args, "structured", False)
+    sparsities = args.sparsities or ",".join(STRUCTURED_SPARSITIES if structured else CompareConfig.sparsities)
+    methods = args.methods or ",".join(STRUCTURED_METHODS if structured else METHODS)
     config = CompareConfig(
-        model=args.model, calibration_text=args.text_file, eval_text=args.eval_file,
-        sparsities=tuple(args.sparsities.split(",")), methods=tuple(args.methods.split(",")), draws=args.draws,
+        model=args.model, calibration_text=args.text_file, eval_text=args.eval_file, structured=structured,
+        sparsities=tuple(sparsities.split(",")), methods=tuple(methods.split(",")), draws=args.draws,
         num_samples=args.num_samples, max_seq_length=args.max_seq_length, eval_documents=args.eval_documents,
         mc_samples=args.num_mc_samples, noise_levels=args.noise_levels, seed=args.seed,
         dtype="float32" if getattr(args, "dtype", "auto") == "auto" else args.dtype,
         trust_remote_code=getattr(args, "trust_remote_code", False), progress=not getattr(args, "quiet", False))
     if args.quick:
-        config = dataclasses.replace(config, **QUICK)
+        quick = dict(QUICK, sparsities=("0.5",)) if structured and args.sparsities is None else QUICK
+        config = dataclasses.replace(config, **quick)
     return config
 
 

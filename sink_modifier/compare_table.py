@@ -48,7 +48,7 @@ def _over_draws(pairs: list[tuple[float, float]]) -> dict:
 def comparisons_for(methods: list[str]) -> list[tuple[str, str]]:
     """(a, b) pairs: each sink-aware run and the random control minus its ablation, then sinks minus random."""
     pairs = []
-    for engine in ("wanda", "sparsegpt"):
+    for engine in ("wanda", "sparsegpt", "structured-wanda"):
         ablation, random = f"{engine}_noised", f"sink_{engine}_random"
         for selection in ("all", "unstable", "random"):
             method = f"sink_{engine}_{selection}"
@@ -66,10 +66,11 @@ def summarize(cells: dict[str, dict], setup: dict) -> dict:
 
     dense = cells[cell_key("dense", None, 0)]
     methods = [m for m in setup["methods"] if any(c["method"] == m for c in cells.values())]
-    draws = sorted({c["draw"] for c in cells.values() if c["method"] not in ("dense", "magnitude")}) or [0]
+    data_free = ("dense", "magnitude", "structured-magnitude")
+    draws = sorted({c["draw"] for c in cells.values() if c["method"] not in data_free}) or [0]
 
     def cell(method, sparsity, draw):  # magnitude uses no data: one run stands for every draw
-        return cells.get(cell_key(method, sparsity, 0 if method == "magnitude" else draw))
+        return cells.get(cell_key(method, sparsity, 0 if method.endswith("magnitude") else draw))
 
     per_method = {}
     for method in methods:
@@ -97,7 +98,11 @@ def summarize(cells: dict[str, dict], setup: dict) -> dict:
             "comparisons": comparisons, "cells": cells}
 
 
-def _label(sparsity: str) -> str:
+def _label(sparsity: str, structured: bool = False) -> str:
+    if structured:
+        from sink_modifier.compare_structured import label
+
+        return label(sparsity)
     return sparsity if ":" in sparsity else f"{float(sparsity):.0%}"
 
 
@@ -105,7 +110,8 @@ def table_rows(summary: dict) -> tuple[list[list[str]], list[list[str]]]:
     """The two tables as rows of strings (header first): per method, and the paired comparisons."""
     setup = summary["setup"]
     sparsities = setup["sparsities"]
-    header = ["method", *(_label(s) for s in sparsities)]
+    structured = setup.get("structured", False)
+    header = ["method", *(_label(s, structured) for s in sparsities)]
     first = [header, ["dense", *[f"{summary['dense']['perplexity']:.2f}"] * len(sparsities)]]
     for method, by_sparsity in summary["methods"].items():
         row = [method + (" (ablation)" if method.endswith("_noised") else
@@ -114,7 +120,7 @@ def table_rows(summary: dict) -> tuple[list[list[str]], list[list[str]]]:
             r = by_sparsity.get(sparsity)
             row.append("—" if r is None else f"{r['perplexity']:.2f} ({_pm(r['minus_dense'], 4)})")
         first.append(row)
-    second = [["comparison", *(_label(s) for s in sparsities)]]
+    second = [["comparison", *(_label(s, structured) for s in sparsities)]]
     for entry in summary["comparisons"]:
         row = [f"{entry['a']} − {entry['b']}"]
         for sparsity in sparsities:

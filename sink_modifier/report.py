@@ -13,7 +13,7 @@ import contextlib
 import functools
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class SavePlan:
 
     checkpoint: CheckpointHooks | None = None
     report: dict | None = None
+    #: config.json fields to set after saving: llm-compressor re-saves the *original* config over transformers'
+    #: (patching only the fields it changes itself), so a structured run's new widths are written here
+    config_fields: dict = field(default_factory=dict)
 
 
 _PLANS: weakref.WeakKeyDictionary[torch.nn.Module, SavePlan] = weakref.WeakKeyDictionary()
@@ -69,8 +72,19 @@ def _wrap_save_pretrained(model: torch.nn.Module, plan: SavePlan) -> None:
                 result = original(str(staging), *args, **kwargs)
             if hooks is not None:
                 hooks.finish_checkpoint(model, staging)
+            if plan.config_fields:
+                _set_config_fields(Path(staging) / "config.json", plan.config_fields)
             if plan.report is not None:
                 write_report(plan.report, staging)
         return result
 
     compat.replace_save_pretrained(model, save_pretrained)
+
+
+def _set_config_fields(path: Path, fields: dict) -> None:
+    """Set ``fields`` in a saved config.json (in its ``text_config`` where the model keeps them there)."""
+    config = json.loads(path.read_text())
+    target = config.get("text_config", config) if all(k in config.get("text_config", {}) for k in fields) \
+        else config
+    target.update(fields)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))

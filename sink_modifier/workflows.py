@@ -165,7 +165,7 @@ def load_recipe(path: Path, seed: int | None):
     from llmcompressor.recipe import Recipe
     from pydantic import ValidationError
 
-    from sink_modifier import SinkAwarePruningModifier
+    from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
 
     if not path.is_file():
         raise CLIError(f"--recipe {path}: no such file")
@@ -192,7 +192,7 @@ def load_recipe(path: Path, seed: int | None):
         raise CLIError(f"--recipe {path} defines no modifier; see the recipes/ directory for examples")
     if seed is not None:
         for modifier in recipe.modifiers:
-            if isinstance(modifier, SinkAwarePruningModifier):
+            if isinstance(modifier, SinkAwarePruningModifier | SinkAwareStructuredPruningModifier):
                 modifier.seed = seed
     return recipe
 
@@ -213,25 +213,26 @@ def pruned_fraction(model: torch.nn.Module) -> float:
 
 
 def calibrate_and_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                       **oneshot_args: Any) -> float:
+                       **oneshot_args: Any) -> tuple[float, int]:
     """``oneshot`` without its own save, the zero fraction measured, then what ``oneshot`` would have saved
-    (compressed checkpoint with recipe.yaml, and the tokenizer) written to ``directory``; returns the fraction."""
+    (compressed checkpoint with recipe.yaml, and the tokenizer) written to ``directory``; returns the fraction
+    and the parameter count before saving (structured pruning makes it smaller)."""
     from llmcompressor import oneshot
 
     import sink_modifier  # noqa: F401  (registers the modifier and the diffusion pipeline)
 
     oneshot(model=model, processor=tokenizer, output_dir=None, **oneshot_args)
-    fraction = pruned_fraction(model)
+    fraction, parameters = pruned_fraction(model), sum(p.numel() for p in model.parameters())
     model.save_pretrained(str(directory), save_compressed=True)
     tokenizer.save_pretrained(str(directory))
-    return fraction
+    return fraction, parameters
 
 
 def prune(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, samples: list[list[int]], recipe: Any,
     directory: Path, *, pipeline: str = "independent", max_seq_length: int | None = None,
     trust_remote_code: bool = False,
-) -> float:
+) -> tuple[float, int]:
     """``oneshot`` on token samples, saved to ``directory`` (a staging directory: see ``publish.staged``)."""
     return calibrate_and_save(
         model, tokenizer, directory, dataset=_dataset(samples), recipe=recipe, pipeline=pipeline,
@@ -252,20 +253,25 @@ def run_command(args: argparse.Namespace) -> int:
     with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
         seed_everything(args.seed)
         model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+        dense_parameters = sum(p.numel() for p in model.parameters())
         start = time.perf_counter()
         args.pipeline = _pipeline_for(model, args.pipeline)
         if named:
-            fraction = calibrate_and_save(
+            fraction, parameters = calibrate_and_save(
                 model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
                 num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
                 trust_remote_code_model=args.trust_remote_code)
         else:
-            fraction = prune(model, tokenizer, token_samples(args, tokenizer, source=source), recipe, staging,
-                             pipeline=args.pipeline, max_seq_length=args.max_seq_length,
-                             trust_remote_code=args.trust_remote_code)
+            samples = token_samples(args, tokenizer, source=source)
+            fraction, parameters = prune(
+                model, tokenizer, samples, recipe, staging, pipeline=args.pipeline,
+                max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)
         elapsed = time.perf_counter() - start
     print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
           "the LM head are zero")
+    if parameters != dense_parameters:  # structured pruning removed channels or heads
+        print(f"parameters:  {parameters / 1e6:.2f}M of {dense_parameters / 1e6:.2f}M remain "
+              f"({parameters / dense_parameters:.1%}; whole MLP channels / attention heads removed)")
     _print_checkpoint(args.output.expanduser(),  # as the user wrote it (``output`` is absolute)
                       loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
     return 0

@@ -306,9 +306,15 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     output = tmp_path / "demo"
     code, out, err = run_cli(capsys, "demo", "--quick", "--output", output, "--quiet")
     assert code == 0, err
-    assert sorted(p.name for p in output.iterdir()) == [MANIFEST, "results.json", "sink_aware_wanda", "wanda"]
-    results = json.loads((output / "results.json").read_text())["results"]
-    assert list(results) == ["dense", "wanda", "sink_aware_wanda"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        MANIFEST, "results.json", "sink_aware_wanda", "sink_structured", "wanda"]
+    summary = json.loads((output / "results.json").read_text())
+    results = summary["results"]
+    assert list(results) == ["dense", "wanda", "sink_aware_wanda", "sink_structured"]
+    structured = summary["structured"]
+    assert structured["widths"] == [384, 2, 1] and structured["parameters_ratio"] < 0.6
+    assert json.loads((output / "sink_structured" / "config.json").read_text())["intermediate_size"] == 384
+    assert "structured (50% of MLP channels and KV-head groups removed" in out
     assert results["dense"]["sparsity"] == 0.0
     for name in ("wanda", "sink_aware_wanda"):
         assert results[name]["sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -320,7 +326,7 @@ def test_demo_quick_end_to_end(capsys, tmp_path):
     for text in ("dense", "Wanda (llm-compressor)", "sink-aware Wanda", "50.0%", str(output / "results.json")):
         assert text in out
     cloze = json.loads((output / "results.json").read_text())["bundled_cloze_accuracy"]
-    assert list(cloze) == ["dense", "wanda", "sink_aware_wanda"]
+    assert list(cloze) == ["dense", "wanda", "sink_aware_wanda", "sink_structured"]
     if all(value is not None for value in cloze.values()):  # lm-eval installed (the eval extra)
         assert all(value * 8 == round(value * 8) for value in cloze.values())  # k of the 8 items
         assert "bundled_cloze accuracy (lm-eval, 8 items, chance 0.25): dense " in out

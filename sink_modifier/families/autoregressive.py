@@ -21,6 +21,7 @@ from sink_modifier.families.base import (
     NoiseProcess,
 )
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
+from sink_modifier.families.structure import widths_for
 
 
 def prefix_states(tokens: torch.Tensor, decoded: list[int]) -> list[DenoisingState]:
@@ -55,7 +56,7 @@ class AutoregressiveControl(NoiseProcess, AttentionMeasurement, CalibrationLayou
 
 
 def _build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
-    return Family.of("autoregressive", AutoregressiveControl())
+    return Family.of("autoregressive", AutoregressiveControl(), widths_for(model))
 
 
 register(FamilySpec("autoregressive", _build, matches=lambda model: True, priority=0,

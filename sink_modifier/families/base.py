@@ -7,6 +7,8 @@
   rows a forward feeds through shared weights, and the layers that hold each prunable weight once.
 * ``CheckpointHooks`` (the modifier and the save path): preparing the model, what must never be pruned, and
   edits around ``save_pretrained``.
+* ``LayerWidths`` (the structured modifier): which Linears of a decoder layer form one MLP channel or one
+  KV-head group, and the config keys that carry their counts (built per architecture, ``families.structure``).
 
 The defaults describe a plain transformers model driven by ``model(input_ids=...)`` with one token stream; a
 family overrides only what differs. A ``Family`` bundles one implementation of each role under a name; the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -187,6 +189,39 @@ class CheckpointHooks:
 
 
 @dataclass(frozen=True)
+class PrunableUnits:
+    """The structured units of one decoder layer (MLP channels or KV-head groups): every Linear whose output
+    rows (``rows``) or input columns (``columns``) the units own, with how many consecutive rows / columns one
+    unit spans in it. Removing unit ``u`` removes those rows and columns in every listed Linear together."""
+
+    count: int
+    rows: tuple[tuple[torch.nn.Linear, int], ...]
+    columns: tuple[tuple[torch.nn.Linear, int], ...]
+
+
+class LayerWidths:
+    """Structured pruning's view of an architecture (the default knows none and refuses)."""
+
+    def check(self, config, *, channels: bool, heads: bool) -> None:
+        """Refuse (one line) a shape change this architecture's config cannot describe."""
+        raise FamilyError("structured pruning does not know this model family's layers")
+
+    def sizes(self, config) -> tuple[int, int, int]:
+        """(MLP channels, query heads, KV heads) of every layer."""
+        raise NotImplementedError
+
+    def channels(self, layer: torch.nn.Module) -> PrunableUnits:
+        raise NotImplementedError
+
+    def kv_groups(self, layer: torch.nn.Module, config) -> PrunableUnits:
+        raise NotImplementedError
+
+    def rewrite_config(self, config, *, channels: int, heads: int, kv_heads: int) -> dict:
+        """Make ``config`` describe layers of the new widths; returns the fields set."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: a name and an implementation of each role (one object may play several)."""
 
@@ -195,8 +230,10 @@ class Family:
     attention: AttentionMeasurement
     calibration: CalibrationLayout
     checkpoint: CheckpointHooks
+    structure: LayerWidths = field(default_factory=LayerWidths)
 
     @classmethod
-    def of(cls, name: str, implementation) -> Family:
-        """A family whose roles are all played by ``implementation``."""
-        return cls(name, implementation, implementation, implementation, implementation)
+    def of(cls, name: str, implementation, structure: LayerWidths | None = None) -> Family:
+        """A family whose roles are all played by ``implementation`` (``structure`` is per architecture)."""
+        return cls(name, implementation, implementation, implementation, implementation,
+                   structure or LayerWidths())

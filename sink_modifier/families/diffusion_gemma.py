@@ -43,6 +43,7 @@ from sink_modifier.families.diffusion_gemma_checkpoint import (
     is_diffusion_gemma,
 )
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
+from sink_modifier.families.structure import Unsupported
 from sink_modifier.hooks import removing
 from sink_modifier.seeding import content_generator
 
@@ -351,7 +352,9 @@ class _GenerationRecorder:
 
 def _build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
     implementation = DiffusionGemma(model)
-    return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights())
+    return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights(), Unsupported(
+        "DiffusionGemma: structured pruning does not yet remove channels of its experts and tied encoder/decoder "
+        "MLPs; use SinkAwarePruningModifier (unstructured or 2:4) with quantization for this model"))
 
 
 register(FamilySpec("diffusion_gemma", _build, matches=is_diffusion_gemma, priority=100, claims=True,

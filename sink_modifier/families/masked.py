@@ -26,6 +26,7 @@ from sink_modifier.families.base import (
     noise_schedule,
 )
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
+from sink_modifier.families.structure import DREAM, widths_for
 from sink_modifier.seeding import content_generator
 
 
@@ -152,7 +153,7 @@ def is_dream(model: torch.nn.Module) -> bool:
     return str(getattr(getattr(model, "config", None), "model_type", "")).lower().startswith("dream")
 
 
-def _build(implementation: type[MaskedDiffusion], name: str):
+def _build(implementation: type[MaskedDiffusion], name: str, widths=widths_for):
     def build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
         if not chosen_by_match and not attends_bidirectionally(model):
             raise FamilyError(
@@ -171,7 +172,7 @@ def _build(implementation: type[MaskedDiffusion], name: str):
             raise FamilyError(f"mask_token_id {mask_id} is outside the vocabulary (size {vocab}).")
         never = options.never_mask_token_ids
         never = default_never_masked(model) if never is None else never
-        return Family.of(name, implementation(mask_id, tuple(t for t in never if t != mask_id)))
+        return Family.of(name, implementation(mask_id, tuple(t for t in never if t != mask_id)), widths(model))
 
     return build
 
@@ -181,6 +182,7 @@ register(FamilySpec(
     description="absorbing-state DLMs that attend bidirectionally (LLaDA, Gemma with a mask token)",
 ))
 register(FamilySpec(
-    "dream", _build(Dream, "dream"), matches=lambda m: is_dream(m) and attends_bidirectionally(m), priority=20,
+    "dream", _build(Dream, "dream", lambda model: DREAM),
+    matches=lambda m: is_dream(m) and attends_bidirectionally(m), priority=20,
     description="Dream-7B-style masked DLMs with shifted logits",
 ))
