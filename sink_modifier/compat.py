@@ -35,8 +35,13 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import (  # noqa: F401
     SparsityModifierBase,
 )
 
-# Wanda's mask selection (the diagnostic reruns it with and without sink weights), likewise a deep module.
-from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight  # noqa: F401
+# Wanda's statistics and mask selection (structured importance accumulates its column moments; the diagnostic
+# reruns its selection with and without sink weights), likewise a deep module.
+from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import (  # noqa: F401
+    accumulate_row_scalars,
+    make_empty_row_scalars,
+    sparsify_weight,
+)
 from loguru import logger
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import accumulate_row_scalars, make_empty_row_scalars
 
+from sink_modifier.compat import accumulate_row_scalars, make_empty_row_scalars
 from sink_modifier.families.base import PrunableUnits
 
 __all__ = ["ColumnMoments", "kept_count", "kept_units", "unit_importance"]
