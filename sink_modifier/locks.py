@@ -66,5 +66,9 @@ def holding_lock(lock: Path, target: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             lock.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # e.g. remounted read-only: the error that stopped the run is the one to show
+            logger.warning(f"could not remove the lock {lock}: {error.strerror}")
