@@ -34,7 +34,10 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``Terminated`` (once: a second one during the cleanup is ignored)."""
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated``; after the first, all three are
+    ignored until the block ends, so a second Ctrl-C during the cleanup cannot interrupt it (or print a
+    traceback). A signal ignored when the command started (``nohup``, ``setsid``, systemd, a shell's
+    background job) stays ignored: the user asked for the run to survive it."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -44,11 +47,12 @@ def signals_as_interrupts() -> Iterator[None]:
     def handler(signum, frame):
         for other in previous:
             signal.signal(other, signal.SIG_IGN)
-        raise Terminated(signum)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    for signum in previous:
-        signal.signal(signum, handler)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     try:
         yield
     finally:
