@@ -18,7 +18,8 @@ from typing import Any
 
 from loguru import logger
 
-__all__ = ["Terminated", "command_console", "loguru_sinks", "progress_bars", "signals_as_interrupts"]
+__all__ = ["Terminated", "command_console", "loguru_sinks", "progress_bars", "signals_as_interrupts",
+           "silent_children"]
 
 _LOG_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSS} | {function} | {level} - {message}"
 
@@ -88,8 +89,11 @@ def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
     torch_level = torch_logger.level
     if not verbose:
         torch_logger.setLevel(logging.ERROR)  # torch.fx's tracing notice while llm-compressor builds subgraphs
+    if quiet:
+        logging.disable(logging.WARNING)  # every library's standard-library logger (lm-eval's, datasets')
     try:
-        with warnings.catch_warnings(), progress_bars("off" if quiet else "all" if verbose else "phases"):
+        with warnings.catch_warnings(), progress_bars("off" if quiet else "all" if verbose else "phases"), \
+                silent_children() if quiet else contextlib.nullcontext():
             if not verbose:
                 warnings.filterwarnings("ignore")  # libraries' notices; this package logs instead
             yield
@@ -97,6 +101,36 @@ def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
         loguru_sinks(lambda: sys.stdout, _llmc_logger().LOGGER_CONFIG.console_log_level)
         hf_logging.set_verbosity(hf_verbosity)
         torch_logger.setLevel(torch_level)
+        if quiet:
+            logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def silent_children() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null while Python's ``sys.stderr`` keeps writing to the terminal: the
+    stderr of child processes (lm-eval runs ``git describe``, which says "fatal: not a git repository") and of
+    C code is dropped, this package's warnings are not. Nothing happens where ``sys.stderr`` is not fd 2."""
+    try:
+        own = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        own = False
+    if not own:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    original, sys.stderr = sys.stderr, open(saved, "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115
+                                             errors="backslashreplace")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = original
 
 
 def _llmc_logger():

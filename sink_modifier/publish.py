@@ -30,6 +30,7 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from typing import Literal
 from loguru import logger
 
 from sink_modifier.errors import OutputError
-from sink_modifier.locks import holding_lock, owner_pid, process_alive
+from sink_modifier.locks import holding_lock, remove_leftovers
 from sink_modifier.manifest import (
     INNER_LOCK,
     INNER_STAGING,
@@ -147,39 +148,6 @@ def _refuse_foreign(target: Path, manifest: dict | None, shown: str, advice: str
     if foreign:
         raise OutputError(f"{shown} holds files sink-prune did not write ({', '.join(foreign[:3])}"
                           f"{', ...' if len(foreign) > 3 else ''}); {advice}")
-
-
-# --------------------------------------------------------------------------- leftovers of dead runs
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Staging directories of dead runs (SIGKILL, OOM, power loss); an output a dead run had moved aside
-    (two-rename swap) is put back when nothing replaced it."""
-    removed = []
-    # ``..NAME.partial-*``: a save into our own staging directory (the CLI's oneshot) staged next to it
-    places = [(target.parent, f".{target.name}.partial-"), (target.parent, f"..{target.name}.partial-"),
-              (target.parent, f".{target.name}.old-")]
-    if target.is_dir():
-        places += [(target, INNER_STAGING), (target, "." + INNER_STAGING)]
-    for directory, prefix in places:
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(directory):
-                pid = owner_pid(entry.name, prefix)
-                if pid is None or pid == os.getpid() or process_alive(pid):
-                    continue
-                path = Path(entry.path)
-                if prefix.endswith(".old-") and not target.exists():
-                    path.rename(target)
-                    logger.warning(f"Restored {target} from {path}, left by a run that died (pid {pid})")
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    _remove(path)
-                removed.append(path.name)
-    if removed:
-        logger.warning(f"Removed {len(removed)} staging leftover{'' if len(removed) == 1 else 's'} of runs "
-                       f"that died, next to {target}: {', '.join(removed)}")
 
 
 # --------------------------------------------------------------------------- filesystem steps
@@ -383,6 +351,28 @@ def _mkdir(path: Path, what: str) -> list[Path]:
     return created
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _writing_error(error: Exception, staging: Path, target: Path) -> Exception:
+    """A failed write into the staging directory, told as the output's: a full disk, a quota, a read-only
+    remount, reported by Python (``OSError``) or by Rust libraries (safetensors: "... (os error 28)")."""
+    if isinstance(error, OutputError):  # a nested save (the CLI's oneshot into its staging directory)
+        text = str(error).replace(str(staging), str(target))
+        return error if text == str(error) else type(error)(text)
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    code = int(found.group(1)) if code is None and found else code
+    if code not in _WRITE_ERRNOS:
+        return error
+    name = getattr(error, "filename", None)
+    path = Path(name) if name else target
+    if name and path.is_relative_to(staging):  # the name the file would have had; bookkeeping is not named
+        inner = path.relative_to(staging)
+        path = target if internal(inner.parts[0]) else target / inner
+    return OutputError(f"cannot write {path}: {os.strerror(code)}; nothing was published")
+
+
 def _remove_empty(directories: list[Path]) -> None:
     for directory in directories:
         try:
@@ -415,7 +405,7 @@ def staged(target: str | os.PathLike, *, existing: Existing = "merge") -> Iterat
         in_place = target.is_dir() and (existing == "merge" or _fill_in_place_needed(target))
         lock = target / INNER_LOCK if in_place else target.parent / f".{target.name}.lock"
         with holding_lock(lock, target):
-            _remove_leftovers(target)
+            remove_leftovers(target)
             if existing == "refuse" and target.is_dir() and _entries(target):
                 raise OutputError(f"{target} is not empty; pass --overwrite to replace it")
             try:
@@ -427,7 +417,10 @@ def staged(target: str | os.PathLike, *, existing: Existing = "merge") -> Iterat
                     from error
             staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
             try:
-                yield staging
+                try:
+                    yield staging
+                except Exception as error:
+                    raise _writing_error(error, staging, target) from error
                 _publish(staging, target, in_place=in_place, existing=existing)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from sink_modifier.errors import CLIError, one_line
+from sink_modifier.preflight import check_dataset_name, check_device
 
 if TYPE_CHECKING:
     import torch
@@ -282,6 +283,8 @@ def run_command(args: argparse.Namespace) -> int:
     output = check_output(args.output, overwrite=args.overwrite)
     recipe = load_recipe(args.recipe, args.seed)
     named = args.dataset is not None and not Path(args.dataset).expanduser().exists()
+    if named:
+        check_dataset_name(args.dataset)
     source = None if named else calibration_source(args)  # a dataset name: llm-compressor loads it
     with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
         seed_everything(args.seed)
@@ -289,10 +292,15 @@ def run_command(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         args.pipeline = _pipeline_for(model, args.pipeline)
         if named:
-            fraction = calibrate_and_save(
-                model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
-                num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
-                trust_remote_code_model=args.trust_remote_code)
+            try:
+                fraction = calibrate_and_save(
+                    model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
+                    num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
+                    trust_remote_code_model=args.trust_remote_code)
+            except ConnectionError as error:
+                raise CLIError(f"--dataset {args.dataset}: not a directory, and the Hub could not be reached to "
+                               f"fetch it ({type(error).__name__}); save it with datasets' save_to_disk where "
+                               "there is a network and pass that directory") from None
         else:
             fraction = prune(model, tokenizer, token_samples(args, tokenizer, source=source), recipe, staging,
                              pipeline=args.pipeline, max_seq_length=args.max_seq_length,
@@ -388,7 +396,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     if not tasks:
         raise CLIError(f"--tasks {args.tasks!r} names no task")
     if args.device is not None:
-        _check_device(args.device)
+        check_device(args.device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     model_args = {"mc_samples": args.num_mc_samples, "batch_size": args.batch_size,
                   "seed": 0 if args.seed is None else args.seed}
@@ -409,22 +417,6 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     if results.get("groups"):
         print(make_table(results, "groups"))
     return 0
-
-
-def _check_device(name: str) -> None:
-    """``--device``, checked before the model loads."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
-                                     and backend.is_available()):
-        raise CLIError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
 
 
 def format_perplexity(result) -> str:
