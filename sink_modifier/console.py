@@ -35,10 +35,10 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated``; after the first, all three are
-    ignored until the block ends, so a second Ctrl-C during the cleanup cannot interrupt it (or print a
-    traceback). A signal ignored when the command started (``nohup``, ``setsid``, systemd, a shell's
-    background job) stays ignored: the user asked for the run to survive it."""
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated``; after the first, all three stay
+    ignored (the command is ending), so a second Ctrl-C during the cleanup or the interpreter's exit cannot
+    interrupt it or print a traceback. A signal ignored when the command started (``nohup``, ``setsid``,
+    systemd, a shell's background job) stays ignored: the user asked for the run to survive it."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -48,7 +48,10 @@ def signals_as_interrupts() -> Iterator[None]:
     def handler(signum, frame):
         for other in previous:
             signal.signal(other, signal.SIG_IGN)
+        stopped.append(signum)
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+    stopped: list[int] = []
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for signum, old in previous.items():
@@ -57,8 +60,9 @@ def signals_as_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        if not stopped:  # after a stop the process is ending: a second Ctrl-C must not interrupt its exit either
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
 
 @contextlib.contextmanager

@@ -361,7 +361,8 @@ def test_oneshot_into_a_users_folder_touches_nothing_of_theirs(tmp_path):
                         "sink_report.sink-prune.json"}
         assert set(after) == set(before) | ours | {"tokenizer.json", "tokenizer_config.json"}
     assert "SinkAwarePruningModifier" in (folder / "recipe.sink-prune.yaml").read_text()
-    assert "is not this package's: kept, and the new one written as recipe.sink-prune.yaml" in result.stdout + result.stderr
+    assert "is not this package's: kept, and the new one written as recipe.sink-prune.yaml" in (
+        result.stdout + result.stderr)
 
 
 ONESHOT = """
