@@ -283,3 +283,11 @@ def test_a_huge_one_line_text_is_tokenized_only_as_far_as_needed(bundled, tmp_pa
     assert [len(s) for s in samples] == [64, len(tokenizer(CALIBRATION_TEXTS[0])["input_ids"][:64])]
     assert samples[0] == tokenizer(line[:100_000], truncation=True, max_length=64)["input_ids"]
     assert max(seen) < 100_000, f"the tokenizer saw {max(seen)} characters for 64 tokens"
+
+
+@pytest.mark.slow
+def test_compare_errors_leave_stdout_empty(tmp_path):
+    """llm-compressor's import-time "No accelerator available" line went to stdout with compare's errors."""
+    result = sink_prune("compare", "--text-file", tmp_path / "missing.txt", "-o", tmp_path / "out", timeout=300)
+    one_line(result.stderr, result.returncode, 1, f"--text-file {tmp_path / 'missing.txt'}: no such file")
+    assert result.stdout == "" and os.listdir(tmp_path) == []

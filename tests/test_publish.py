@@ -384,3 +384,36 @@ dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) f
 oneshot(model=model, processor=tokenizer, dataset=dataset, recipe="recipes/sink_wanda_unstructured_50.yaml",
         output_dir=sys.argv[1], num_calibration_samples=2, max_seq_length=48)
 """
+
+
+@pytest.mark.slow
+def test_oneshot_into_a_folder_holding_another_config_is_refused_and_the_model_can_be_saved_elsewhere(tmp_path):
+    """The refusal comes at save time (llm-compressor never tells a modifier where it will save): nothing in
+    the folder changes, and the pruned model, still in memory, saves into another directory."""
+    import torch
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sink_modifier.bundled import bundled_model_path
+
+    folder = tmp_path / "project"
+    write(folder, {"config.json": b'{"model_type": "theirs"}', "notes.txt": b"mine"})
+    before = hashes(folder)
+    path = bundled_model_path("dlm")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = [tokenizer(text)["input_ids"][:48] for text in (
+        "The quick brown fox jumps over the lazy dog and runs far away into the woods.",
+        "A second sample about rivers, mountains and the weather in the north of the country.")]
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]})
+    recipe = str(Path(__file__).parents[1] / "recipes" / "sink_wanda_unstructured_50.yaml")
+    with pytest.raises(OutputError, match=f"{folder} already holds config.json, which sink-aware-pruning did not "
+                                          "write; nothing was saved"):
+        oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, output_dir=str(folder),
+                num_calibration_samples=2, max_seq_length=48)
+    assert hashes(folder) == before and sorted(os.listdir(folder)) == ["config.json", "notes.txt"]
+    model.save_pretrained(tmp_path / "elsewhere")
+    assert read_manifest(tmp_path / "elsewhere")["complete"]
+    assert (tmp_path / "elsewhere" / "sink_report.json").is_file()
