@@ -1,5 +1,6 @@
 """Which process writes an output: a lock file holding the writer's pid and host, and the pid in the names of
-staging directories, so that a live writer keeps others off and a dead one's leftovers can be recognised.
+staging directories, so that a live writer keeps others off and a dead one's leftovers are recognised and
+removed (``remove_leftovers``).
 Used by ``sink_modifier.publish``."""
 
 from __future__ import annotations

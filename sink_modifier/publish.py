@@ -2,7 +2,7 @@
 package did not write is ever deleted or replaced.
 
 The one staged-publish helper, used by the ``sink-prune`` commands and by the Python save path
-(``report.attach_report``). A result is written into a staging directory and published only when complete:
+(``report.save_plan``). A result is written into a staging directory and published only when complete:
 
 * a new output directory appears by one rename (``existing`` any);
 * an existing one that the CLI may replace (``"refuse"`` when empty, ``"replace"`` when everything in it is
