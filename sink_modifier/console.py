@@ -52,7 +52,6 @@ def signals_as_interrupts() -> Iterator[None]:
         raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
     stopped: list[int] = []
-
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for signum, old in previous.items():
         if old is not signal.SIG_IGN:
