@@ -40,14 +40,22 @@ def _light_module(name: str) -> ModuleType:
 
 
 _errors = _light_module("errors")
+_types = _light_module("arguments")
 CLIError = _errors.CLIError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a wrong option or value reported on one line (exit 2), not after the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- argument parsing
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Sink-aware pruning of diffusion language models (an llm-compressor plugin).",
         epilog="Run 'sink-prune COMMAND --help' for a command's options. Results go to stdout, logs and "
@@ -107,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "noise levels; 'sampler' records the model's own sampler completing the second half of "
                          "each sample (default: forward_noise)")
     inspect.add_argument("--compare", metavar="OTHER_MODEL", help="a second model to measure and draw alongside")
-    inspect.add_argument("--noise-levels", type=_positive, default=10, metavar="K",
+    inspect.add_argument("--noise-levels", type=_types.positive_int, default=10, metavar="K",
                          help="forward_noise: states per sample (default: 10)")
-    inspect.add_argument("--sampler-steps", type=_positive, default=16, metavar="N",
+    inspect.add_argument("--sampler-steps", type=_types.positive_int, default=16, metavar="N",
                          help="sampler: denoising steps, one state each (default: 16)")
     inspect.add_argument("--sparsity", type=float, default=0.5, metavar="S",
                          help="sparsity of the mask-decision diagnostic (default: 0.5)")
@@ -131,17 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(evaluate, samples=None, length=128, dataset_help=_DISK_DATASET, default_text=True,
                   length_help="evaluation window in tokens; longer texts are cut into windows",
                   seed_help="seed of the ELBO's masks (default: 0)")
-    evaluate.add_argument("--num-mc-samples", type=_positive, default=16, metavar="N",
+    evaluate.add_argument("--num-mc-samples", type=_types.positive_int, default=16, metavar="N",
                           help="Monte-Carlo samples of the ELBO (DLMs only; default: 16)")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     tasks = evaluate.add_argument_group("lm-evaluation-harness tasks (pip install 'sink-aware-pruning[eval]')")
-    tasks.add_argument("--tasks", metavar="A,B,...",
+    tasks.add_argument("--tasks", metavar="A,B,...", type=_types.name_list,
                        help="lm-eval task names, e.g. bundled_cloze (shipped, offline) or arc_challenge,piqa")
-    tasks.add_argument("--include-path", action="append", type=Path, default=[], metavar="DIR",
+    tasks.add_argument("--include-path", action="append", type=_types.directory, default=[], metavar="DIR",
                        help="a directory of task YAMLs (repeatable)")
-    tasks.add_argument("--limit", type=float, metavar="N", help="examples per task (a fraction if below 1)")
-    tasks.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
-    tasks.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="forwards per batch (16)")
+    tasks.add_argument("--limit", type=_types.fraction_or_count, metavar="N",
+                       help="examples per task (a fraction if below 1)")
+    tasks.add_argument("--num-fewshot", type=_types.nonnegative_int, metavar="K",
+                       help="few-shot examples (default: the task's)")
+    tasks.add_argument("--batch-size", type=_types.positive_int, default=16, metavar="B",
+                       help="forwards per batch (16)")
     tasks.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -155,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", "-o", type=Path, default=Path("sink-prune-demo"), metavar="DIR",
                       help="where the checkpoints and the report go (default: ./sink-prune-demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller configuration (used by the test suite)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S",
+    demo.add_argument("--seed", type=_types.seed, default=0, metavar="S",
                       help="seed of the evaluation masks (default: 0)")
-    demo.add_argument("--threads", type=_positive, default=1, metavar="N",
+    demo.add_argument("--threads", type=_types.positive_int, default=1, metavar="N",
                       help="CPU threads for torch (default: 1; the bundled model is too small to gain from more, "
                       "and one thread cannot be oversubscribed)")
     demo.set_defaults(func=cmd_demo)
@@ -165,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", parents=[quiet, model, output], help="the controlled comparison: sink-aware vs its ablation "
         "and a random-row control over disjoint calibration draws", description=_light_module("compare").__doc__)
     compare.formatter_class = argparse.RawDescriptionHelpFormatter
-    _light_module("compare").add_arguments(compare)
-    compare.set_defaults(func=lambda args: _light_module("compare").main(args))
+    _light_module("compare").add_arguments(compare, _types)
+    compare.set_defaults(func=lambda args: _light_module("compare").main(args),
+                         check=lambda args: _light_module("compare").config_from_args(args))
     for command in (run, inspect, evaluate):
-        command.add_argument("--threads", type=_positive, metavar="N",
+        command.add_argument("--threads", type=_types.positive_int, metavar="N",
                              help="CPU threads for torch (default: torch's choice; fewer avoid oversubscription "
                              "on a shared machine)")
     return parser
@@ -190,11 +202,11 @@ def _data_options(
                         + fallback)
     source.add_argument("--dataset", metavar="PATH_OR_NAME" if "name" in dataset_help else "PATH",
                         help=dataset_help)
-    group.add_argument("--num-samples", type=_positive, default=samples, metavar="N",
+    group.add_argument("--num-samples", type=_types.positive_int, default=samples, metavar="N",
                        help=f"number of samples (default: {samples or 'all'})")
-    group.add_argument("--max-seq-length", type=_positive, default=length, metavar="L",
+    group.add_argument("--max-seq-length", type=_types.positive_int, default=length, metavar="L",
                        help=f"{length_help} (default: {length})")
-    group.add_argument("--seed", type=int, metavar="S", help=seed_help)
+    group.add_argument("--seed", type=_types.seed, metavar="S", help=seed_help)
 
 
 def _version() -> str:
@@ -206,17 +218,17 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
+        return 2
+    try:  # options that are valid alone but not together (a command's ``check``)
+        getattr(args, "check", lambda args: None)(args)
+    except argparse.ArgumentTypeError as error:
+        print(f"{PROG} {args.command}: error: {error} (see {PROG} {args.command} --help)", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else a warning when datasets forks
     console = _light_module("console")
@@ -262,6 +274,11 @@ def _run(args: argparse.Namespace, console: ModuleType) -> int:
 
     threads = torch.get_num_threads()
     if args.threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if args.threads > cores:
+            print(f"{PROG} {args.command}: warning: --threads {args.threads} is more than the {cores} CPU cores "
+                  f"this process may use; the threads would wait on each other (many times slower): use --threads "
+                  f"{cores} or fewer", file=sys.stderr)
         torch.set_num_threads(args.threads)
     try:
         with console.command_console(quiet=args.quiet, verbose=args.verbose):
@@ -281,10 +298,14 @@ def _is_user_error(error: Exception) -> bool:
     if isinstance(error, CLIError) or sources is not None and isinstance(error, sources.LoadError):
         return True  # decided without importing the package: a typo'd MODEL fails fast
 
+    import contextlib
+    import io
+
     from pydantic import ValidationError
 
-    from sink_modifier.errors import OutputError, UserError
-    from sink_modifier.loading import LoadError
+    with contextlib.redirect_stdout(io.StringIO()):  # the package's first import: llm-compressor's stdout line
+        from sink_modifier.errors import OutputError, UserError
+        from sink_modifier.loading import LoadError
 
     if isinstance(error, OSError) and errno.errorcode.get(error.errno) in _USER_ERRNOS:
         return True  # permissions, a full disk, a path under a file: the file system says what is wrong

@@ -147,7 +147,7 @@ def run_compare(config: CompareConfig) -> dict:
     from sink_modifier.compare_table import cell_key, summarize
     from sink_modifier.demo import CALIBRATION_TEXT
     from sink_modifier.evaluation import perplexity
-    from sink_modifier.workflows import load_model, pruned_fraction, read_samples, seed_everything
+    from sink_modifier.workflows import load_model, pruned_fraction, read_samples, seed_everything, tokenize_prefix
 
     known = STRUCTURED_METHODS if config.structured else METHODS
     unknown = set(config.methods) - set(known)
@@ -167,8 +167,8 @@ def run_compare(config: CompareConfig) -> dict:
     draws = draw_documents(len(documents), config.draws, config.num_samples, config.seed)
     dense, tokenizer = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
     targets = sorted(infer_sequential_targets(dense))
-    samples = [[tokenizer(documents[i], truncation=True, max_length=config.max_seq_length)["input_ids"]
-                for i in chosen] for chosen in draws]
+    samples = [[tokenize_prefix(tokenizer, documents[i], config.max_seq_length) for i in chosen]
+               for chosen in draws]
 
     def evaluate(model):
         return perplexity(model, eval_texts, tokenizer=tokenizer, num_mc_samples=config.mc_samples,
@@ -217,57 +217,83 @@ def _dataset(rows: list[list[int]]):
 # --------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+DEFAULTS = dict(sparsities=("0.5", "2:4", "0.75"), num_samples=8, max_seq_length=128, eval_documents=50,
+                mc_samples=4)
+
+
+def add_arguments(parser: argparse.ArgumentParser, types) -> None:
+    """``types``: ``sink_modifier.arguments`` (the CLI loads it by file; importing the package here would load
+    llm-compressor for ``--help``). Options that ``--quick`` sets default to None: an explicit value wins."""
+
+    def method_list(value: str) -> tuple[str, ...]:
+        names = types.name_list(value)
+        unknown = [name for name in names if name not in METHODS + STRUCTURED_METHODS]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)} "
+                                             f"(or with --structured: {', '.join(STRUCTURED_METHODS)})")
+        return names
+
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="Hugging Face Hub id or local directory (default: the bundled small DLM)")
     parser.add_argument("--quick", action="store_true",
                         help="one sparsity (50%%), 2 documents x 64 tokens per draw, 6 evaluation documents, "
-                        "2 MC samples: every row of the table in a few minutes")
+                        "2 MC samples: every row of the table in a few minutes (options given explicitly win)")
     parser.add_argument("--structured", action="store_true",
                         help="remove whole MLP channels and KV-head groups instead (methods: "
                         + ", ".join(STRUCTURED_METHODS) + "; sparsities C or C/H, default "
                         + ",".join(STRUCTURED_SPARSITIES) + ")")
-    parser.add_argument("--sparsities", default=None, metavar="A,B",
-                        help="fractions and/or N:M patterns (default: 0.5,2:4,0.75)")
-    parser.add_argument("--methods", default=None, metavar="A,B",
+    parser.add_argument("--sparsities", type=types.sparsity_list, metavar="A,B",
+                        help="fractions and/or N:M patterns (default: 0.5,2:4,0.75); with --structured, channel "
+                        "fractions C or C/H with H the share of KV-head groups")
+    parser.add_argument("--methods", type=method_list, default=None, metavar="A,B",
                         help="subset of: " + ", ".join(METHODS))
-    parser.add_argument("--draws", type=int, default=2, metavar="D",
+    parser.add_argument("--draws", type=types.positive_int, default=2, metavar="D",
                         help="disjoint calibration draws (default: 2; at least 2 to measure the spread)")
-    parser.add_argument("--num-samples", type=int, default=8, metavar="N", help="documents per draw (default: 8)")
-    parser.add_argument("--max-seq-length", type=int, default=128, metavar="L",
+    parser.add_argument("--num-samples", type=types.positive_int, metavar="N",
+                        help="documents per draw (default: 8)")
+    parser.add_argument("--max-seq-length", type=types.positive_int, metavar="L",
                         help="calibration and evaluation window in tokens (default: 128)")
     parser.add_argument("--text-file", type=Path, metavar="FILE",
                         help="calibration documents (default: the bundled calibration text, 30 documents)")
     parser.add_argument("--eval-file", type=Path, metavar="FILE",
                         help="evaluation documents (default: the bundled evaluation slice)")
-    parser.add_argument("--eval-documents", type=int, default=50, metavar="N",
+    parser.add_argument("--eval-documents", type=types.positive_int, metavar="N",
                         help="evaluate on the first N documents (default: 50)")
-    parser.add_argument("--num-mc-samples", type=int, default=4, metavar="M",
+    parser.add_argument("--num-mc-samples", type=types.positive_int, metavar="M",
                         help="ELBO Monte-Carlo samples, shared by every cell (DLMs; default: 4)")
-    parser.add_argument("--noise-levels", type=int, default=10, metavar="K", help="states per sample (10)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--noise-levels", type=types.positive_int, default=10, metavar="K",
+                        help="states per sample (10)")
+    parser.add_argument("--seed", type=types.seed, default=0, metavar="S",
                         help="picks the draws' documents; draw d uses noise seed S+d (default: 0)")
     parser.add_argument("--output", "-o", type=Path, default=Path("sink-prune-compare"), metavar="DIR",
                         help="results.json, table.md and table.png go here (default: ./sink-prune-compare)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
+    parser.add_argument("--threads", type=types.positive_int, default=1, metavar="N",
                         help="CPU threads for torch (default: 1: the bundled model gains nothing from more)")
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
     structured = getattr(args, "structured", False)
-    sparsities = args.sparsities or ",".join(STRUCTURED_SPARSITIES if structured else CompareConfig.sparsities)
-    methods = args.methods or ",".join(STRUCTURED_METHODS if structured else METHODS)
-    config = CompareConfig(
+    if not structured and any("/" in s for s in args.sparsities or ()):
+        raise argparse.ArgumentTypeError("--sparsities: C/H (channels/KV-head groups) needs --structured")
+    methods = args.methods or (STRUCTURED_METHODS if structured else METHODS)
+    known = STRUCTURED_METHODS if structured else METHODS
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--methods: {unknown[0]!r} is not a "
+                                         f"{'structured' if structured else 'weight-pruning'} method; choose "
+                                         f"from {', '.join(known)}")
+    quick = QUICK if args.quick else {}
+    given = dict(sparsities=args.sparsities, num_samples=args.num_samples, max_seq_length=args.max_seq_length,
+                 eval_documents=args.eval_documents, mc_samples=args.num_mc_samples)
+    defaults = dict(DEFAULTS, sparsities=STRUCTURED_SPARSITIES) if structured else DEFAULTS
+    sized = {**defaults, **quick, **{k: v for k, v in given.items() if v is not None}}
+    return CompareConfig(
         model=args.model, calibration_text=args.text_file, eval_text=args.eval_file, structured=structured,
-        sparsities=tuple(sparsities.split(",")), methods=tuple(methods.split(",")), draws=args.draws,
-        num_samples=args.num_samples, max_seq_length=args.max_seq_length, eval_documents=args.eval_documents,
-        mc_samples=args.num_mc_samples, noise_levels=args.noise_levels, seed=args.seed,
-        dtype="float32" if getattr(args, "dtype", "auto") == "auto" else args.dtype,
+        sparsities=tuple(sized["sparsities"]), methods=tuple(methods), draws=args.draws,
+        num_samples=sized["num_samples"], max_seq_length=sized["max_seq_length"],
+        eval_documents=sized["eval_documents"], mc_samples=sized["mc_samples"], noise_levels=args.noise_levels,
+        seed=args.seed, dtype="float32" if getattr(args, "dtype", "auto") == "auto" else args.dtype,
         trust_remote_code=getattr(args, "trust_remote_code", False), progress=not getattr(args, "quiet", False))
-    if args.quick:
-        quick = dict(QUICK, sparsities=("0.5",)) if structured and args.sparsities is None else QUICK
-        config = dataclasses.replace(config, **quick)
-    return config
 
 
 def main(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from typing import Any
 
 from loguru import logger
 
-__all__ = ["Terminated", "command_console", "loguru_sinks", "progress_bars", "signals_as_interrupts"]
+__all__ = ["Terminated", "command_console", "loguru_sinks", "progress_bars", "signals_as_interrupts",
+           "silent_children"]
 
 _LOG_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSS} | {function} | {level} - {message}"
 
@@ -34,7 +35,10 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise ``Terminated`` (once: a second one during the cleanup is ignored)."""
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM and SIGHUP ``Terminated``; after the first, all three stay
+    ignored (the command is ending), so a second Ctrl-C during the cleanup or the interpreter's exit cannot
+    interrupt it or print a traceback. A signal ignored when the command started (``nohup``, ``setsid``,
+    systemd, a shell's background job) stays ignored: the user asked for the run to survive it."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -44,16 +48,20 @@ def signals_as_interrupts() -> Iterator[None]:
     def handler(signum, frame):
         for other in previous:
             signal.signal(other, signal.SIG_IGN)
-        raise Terminated(signum)
+        stopped.append(signum)
+        raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    for signum in previous:
-        signal.signal(signum, handler)
+    stopped: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+        if not stopped:  # after a stop the process is ending: a second Ctrl-C must not interrupt its exit either
+            for signum, old in previous.items():
+                signal.signal(signum, old)
 
 
 @contextlib.contextmanager
@@ -84,8 +92,11 @@ def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
     torch_level = torch_logger.level
     if not verbose:
         torch_logger.setLevel(logging.ERROR)  # torch.fx's tracing notice while llm-compressor builds subgraphs
+    if quiet:
+        logging.disable(logging.WARNING)  # every library's standard-library logger (lm-eval's, datasets')
     try:
-        with warnings.catch_warnings(), progress_bars("off" if quiet else "all" if verbose else "phases"):
+        with warnings.catch_warnings(), progress_bars("off" if quiet else "all" if verbose else "phases"), \
+                silent_children() if quiet else contextlib.nullcontext():
             if not verbose:
                 warnings.filterwarnings("ignore")  # libraries' notices; this package logs instead
             yield
@@ -93,6 +104,36 @@ def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
         loguru_sinks(lambda: sys.stdout, _llmc_logger().LOGGER_CONFIG.console_log_level)
         hf_logging.set_verbosity(hf_verbosity)
         torch_logger.setLevel(torch_level)
+        if quiet:
+            logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def silent_children() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null while Python's ``sys.stderr`` keeps writing to the terminal: the
+    stderr of child processes (lm-eval runs ``git describe``, which says "fatal: not a git repository") and of
+    C code is dropped, this package's warnings are not. Nothing happens where ``sys.stderr`` is not fd 2."""
+    try:
+        own = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        own = False
+    if not own:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    original, sys.stderr = sys.stderr, open(saved, "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115
+                                             errors="backslashreplace")
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        sys.stderr.close()
+        sys.stderr = original
 
 
 def _llmc_logger():

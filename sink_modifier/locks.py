@@ -1,11 +1,13 @@
 """Which process writes an output: a lock file holding the writer's pid and host, and the pid in the names of
-staging directories, so that a live writer keeps others off and a dead one's leftovers can be recognised.
+staging directories, so that a live writer keeps others off and a dead one's leftovers are recognised and
+removed (``remove_leftovers``).
 Used by ``sink_modifier.publish``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +15,9 @@ from pathlib import Path
 from loguru import logger
 
 from sink_modifier.errors import OutputError
+from sink_modifier.manifest import INNER_STAGING
 
-__all__ = ["holding_lock", "owner_pid", "process_alive"]
+__all__ = ["holding_lock", "owner_pid", "process_alive", "remove_leftovers"]
 
 
 def process_alive(pid: int) -> bool:
@@ -66,5 +69,41 @@ def holding_lock(lock: Path, target: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             lock.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # e.g. remounted read-only: the error that stopped the run is the one to show,
+            # and the next writer removes a dead process's lock anyway
+            logger.debug(f"could not remove the lock {lock}: {error.strerror}")
+
+
+def remove_leftovers(target: Path) -> None:
+    """Staging directories of dead runs (SIGKILL, OOM, power loss); an output a dead run had moved aside
+    (two-rename swap) is put back when nothing replaced it."""
+    removed = []
+    # ``..NAME.partial-*``: a save into our own staging directory (the CLI's oneshot) staged next to it
+    places = [(target.parent, f".{target.name}.partial-"), (target.parent, f"..{target.name}.partial-"),
+              (target.parent, f".{target.name}.old-")]
+    if target.is_dir():
+        places += [(target, INNER_STAGING), (target, "." + INNER_STAGING)]
+    for directory, prefix in places:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                pid = owner_pid(entry.name, prefix)
+                if pid is None or pid == os.getpid() or process_alive(pid):
+                    continue
+                path = Path(entry.path)
+                if prefix.endswith(".old-") and not target.exists():
+                    path.rename(target)
+                    logger.warning(f"Restored {target} from {path}, left by a run that died (pid {pid})")
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                removed.append(path.name)
+    if removed:
+        logger.warning(f"Removed {len(removed)} staging leftover{'' if len(removed) == 1 else 's'} of runs "
+                       f"that died, next to {target}: {', '.join(removed)}")

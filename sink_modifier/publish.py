@@ -1,22 +1,26 @@
 """Publishing an output directory: a reader sees the old complete output or the new one, and no file that this
-package did not write is ever deleted.
+package did not write is ever deleted or replaced.
 
 The one staged-publish helper, used by the ``sink-prune`` commands and by the Python save path
-(``report.attach_report``). A result is written into a staging directory and published only when complete:
+(``report.save_plan``). A result is written into a staging directory and published only when complete:
 
-* a new output directory appears by one rename;
-* an existing one is swapped for the new one by one atomic exchange (Linux ``renameat2``; elsewhere two renames,
-  with a moment in which the output is absent, never mixed), then the old one is deleted;
-* a directory that must not or cannot be renamed (a mount point, such as a container volume; the current
-  directory, its ancestors, the home directory; one whose parent is not writable) is filled in place: the
-  staging directory is inside it, each file moves in by an atomic rename, and the manifest, marked complete,
-  is written last.
+* a new output directory appears by one rename (``existing`` any);
+* an existing one that the CLI may replace (``"refuse"`` when empty, ``"replace"`` when everything in it is
+  ours) is swapped for the new one by one atomic exchange (Linux ``renameat2``; elsewhere two renames, with a
+  moment in which the output is absent, never mixed), then the old one is deleted;
+* an existing directory the Python save path writes into (``"merge"``), and one that must not or cannot be
+  renamed (a mount point, such as a container volume; the current directory, its ancestors, the home
+  directory; one whose parent is not writable) is filled in place: the staging directory is inside it, each
+  top-level entry moves in by an atomic rename, and the manifest, marked complete, is written last. Nothing
+  below the directory's top level is ever looked at, and a top-level name that is not ours is never replaced.
 
-Every published directory holds ``.sink-prune.json``, the manifest: the files this package wrote and whether
-they are complete. It is how ``--overwrite`` knows a directory is safe to replace, and how a later save knows
-which old files (an old ``sink_report.json``, old weight shards) belong to the previous output and must go;
-other files in the directory are carried over untouched. A lock file holding the writer's pid keeps two writers
-off one output; staging directories and locks of dead processes are removed by the next writer.
+Every published directory holds ``.sink-prune.json``, the manifest: the top-level files and directories this
+package wrote and whether they are complete. It is data from disk: an entry that is not a plain name of a file
+(or a directory) directly inside the output, or a symbolic link, makes it refused, never followed. It is how
+``--overwrite`` knows a directory is safe to replace, and how a later save knows which old files belong to the
+previous output and may go. A lock file holding the writer's pid keeps two writers off one output; staging
+directories and locks of dead processes are removed by the next writer. An output given through a symbolic
+link is written into the link's target (the link is kept); a dangling link is refused at once.
 """
 
 from __future__ import annotations
@@ -24,10 +28,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fnmatch
 import functools
-import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,16 +40,25 @@ from typing import Literal
 from loguru import logger
 
 from sink_modifier.errors import OutputError
-from sink_modifier.locks import holding_lock, owner_pid, process_alive
+from sink_modifier.locks import holding_lock, remove_leftovers
+from sink_modifier.manifest import (
+    INNER_LOCK,
+    INNER_STAGING,
+    MANIFEST,
+    ManifestError,
+    entry_kind,
+    internal,
+    manifest_text,
+    ours,
+    read_manifest,
+)
 
-__all__ = ["MANIFEST", "OutputError", "check_output", "read_manifest", "staged"]
+__all__ = ["MANIFEST", "ManifestError", "OutputError", "check_output", "read_manifest", "staged"]
 
-MANIFEST = ".sink-prune.json"
-_INNER_STAGING = ".sink-prune.partial-"  # staging inside an output filled in place
-_INNER_LOCK = ".sink-prune.lock"
-# Files of a checkpoint that a new checkpoint must not leave behind even where no manifest lists them: stale
-# weights or a stale report next to new ones would load "successfully".
-_CHECKPOINT_FILES = ("*.safetensors", "*.safetensors.index.json", "sink_report.json", "recipe.yaml")
+# Files of ours that a save into someone else's directory may find taken: the user's are kept and the new ones
+# are written under these names instead (any other taken name refuses the save: a checkpoint with renamed
+# weights or config would not load).
+_RENAMED_ON_CLASH = {"recipe.yaml": "recipe.sink-prune.yaml", "sink_report.json": "sink_report.sink-prune.json"}
 _UNRENAMABLE = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EROFS, errno.EINVAL}
 
 Existing = Literal["refuse", "replace", "merge"]
@@ -82,36 +94,31 @@ def _is_mount_point(path: Path) -> bool:
     return os.path.ismount(path) or path in _mount_points()
 
 
-def _internal(name: str) -> bool:
-    """Bookkeeping: the manifest, the lock, staging inside the output (``..``: a save into that staging)."""
-    return name in (MANIFEST, _INNER_LOCK) or name.startswith((_INNER_STAGING, "." + _INNER_STAGING))
-
-
 def _entries(directory: Path) -> list[str]:
-    """What a directory holds, this package's bookkeeping (manifest, lock, staging) left out."""
-    return sorted(name for name in os.listdir(directory) if not _internal(name))
+    """What a directory holds at its top level, this package's bookkeeping (manifest, lock, staging) left out."""
+    return sorted(name for name in os.listdir(directory) if not internal(name))
 
 
-def read_manifest(directory: Path) -> dict | None:
-    """The manifest of an output this package wrote, or None (none, or unreadable)."""
-    try:
-        manifest = json.loads((Path(directory) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else None
+def _resolve_output(output: Path, shown: str) -> Path:
+    """``output`` absolute, written through a symbolic link (the link is kept); a dangling link is refused."""
+    target = Path(os.path.abspath(output.expanduser()))
+    if os.path.islink(target) and not target.exists():
+        raise OutputError(f"{shown} is a symbolic link to {os.readlink(target)}, which does not exist; create "
+                          "that directory or name another output")
+    return Path(os.path.realpath(target))
 
 
 def check_output(output: Path, *, overwrite: bool) -> Path:
-    """The CLI's checks of ``--output``, before any work: refuse what must not be replaced; return it absolute.
+    """The CLI's checks of ``--output``, before any work: refuse what must not be replaced; return it absolute
+    (a symbolic link resolved: the result is written into the link's target).
 
     A non-empty directory is replaced only with ``overwrite`` and only when this package wrote all of it.
     The current directory, its ancestors, the home directory and ``/`` are refused outright: replacing them
     is what ``-o "$UNSET" --overwrite`` or ``-o .`` would otherwise do.
     """
     shown = str(output) or "''"
-    target = Path(os.path.abspath(output.expanduser()))
-    resolved = target.resolve()
-    why = _protected(resolved)
+    target = _resolve_output(output, f"--output {shown}")
+    why = _protected(target)
     if why:
         raise OutputError(f"--output {shown} is {why}; name a new directory for the result")
     if target.exists() and not target.is_dir():
@@ -132,50 +139,15 @@ def check_output(output: Path, *, overwrite: bool) -> Path:
     if manifest is None:
         raise OutputError(f"--output {shown} was not written by sink-prune (no {MANIFEST}); --overwrite replaces "
                           "only its own outputs: remove it yourself or choose another directory")
-    foreign = _foreign(entries, manifest)
-    if foreign:
-        raise OutputError(f"--output {shown} holds files sink-prune did not write ({', '.join(foreign[:3])}"
-                          f"{', ...' if len(foreign) > 3 else ''}); move them away or choose another directory")
+    _refuse_foreign(target, manifest, f"--output {shown}", "move them away or choose another directory")
     return target
 
 
-def _foreign(entries: list[str], manifest: dict) -> list[str]:
-    """Top-level entries no manifest file lives under."""
-    ours = {f.split("/", 1)[0] for f in manifest["files"]}
-    return [name for name in entries if name not in ours]
-
-
-# --------------------------------------------------------------------------- leftovers of dead runs
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Staging directories of dead runs (SIGKILL, OOM, power loss); an output a dead run had moved aside
-    (two-rename swap) is put back when nothing replaced it."""
-    removed = []
-    # ``..NAME.partial-*``: a save into our own staging directory (the CLI's oneshot) staged next to it
-    places = [(target.parent, f".{target.name}.partial-"), (target.parent, f"..{target.name}.partial-"),
-              (target.parent, f".{target.name}.old-")]
-    if target.is_dir():
-        places += [(target, _INNER_STAGING), (target, "." + _INNER_STAGING)]
-    for directory, prefix in places:
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(directory):
-                pid = owner_pid(entry.name, prefix)
-                if pid is None or pid == os.getpid() or process_alive(pid):
-                    continue
-                path = Path(entry.path)
-                if prefix.endswith(".old-") and not target.exists():
-                    path.rename(target)
-                    logger.warning(f"Restored {target} from {path}, left by a run that died (pid {pid})")
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    _remove(path)
-                removed.append(path.name)
-    if removed:
-        logger.warning(f"Removed {len(removed)} staging leftover{'' if len(removed) == 1 else 's'} of runs "
-                       f"that died, next to {target}: {', '.join(removed)}")
+def _refuse_foreign(target: Path, manifest: dict | None, shown: str, advice: str) -> None:
+    foreign = [name for name in _entries(target) if name not in ours(manifest)]
+    if foreign:
+        raise OutputError(f"{shown} holds files sink-prune did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); {advice}")
 
 
 # --------------------------------------------------------------------------- filesystem steps
@@ -188,6 +160,10 @@ def _rename(source: Path, destination: Path) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Unlink a file, or delete a directory this package wrote whole; never follows a link."""
+    if entry_kind(path) == "directory":
+        shutil.rmtree(path)
+        return
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
@@ -225,72 +201,60 @@ def _files(directory: Path) -> set[str]:
     found = set()
     for root, dirs, names in os.walk(directory):
         if Path(root) == directory:
-            dirs[:] = [d for d in dirs if not _internal(d)]
-            names = [n for n in names if not _internal(n)]
+            dirs[:] = [d for d in dirs if not internal(d)]
+            names = [n for n in names if not internal(n)]
         found.update(Path(root, n).relative_to(directory).as_posix() for n in names)
     return found
 
 
-def _previous_output(target: Path, new_files: set[str]) -> set[str]:
-    """Files of the output being replaced: what its manifest lists, and checkpoint files in any case."""
-    manifest = read_manifest(target)
-    listed = set(manifest["files"]) if manifest else set()
-    checkpoint = {f for f in _files(target)
-                  if any(fnmatch.fnmatch(f.rsplit("/", 1)[-1], pattern) for pattern in _CHECKPOINT_FILES)}
-    return (listed | checkpoint) - new_files
-
-
-def _write_manifest(staging: Path, files: set[str], *, complete: bool, into: Path | None = None) -> None:
-    """The manifest, written atomically into ``staging`` (or moved from there into ``into``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        release = version("sink-aware-pruning")
-    except PackageNotFoundError:
-        release = "unknown"
-    text = json.dumps({"writer": "sink-aware-pruning", "version": release, "complete": complete,
-                       "files": sorted(files)}, indent=1)
+def _write_manifest(staging: Path, names: set[str], *, complete: bool, into: Path | None = None) -> None:
+    """The manifest of top-level ``names`` (found in ``staging`` or in ``into``), written atomically into
+    ``staging`` (or moved from there into ``into``)."""
+    where = into or staging
+    directories = {n for n in names if "directory" in (entry_kind(where / n), entry_kind(staging / n))}
     temporary = staging / f"{MANIFEST}.tmp"
-    temporary.write_text(text + "\n")
+    temporary.write_text(manifest_text(names - directories, directories, complete=complete))
     _fsync(temporary)
-    _rename(temporary, (into or staging) / MANIFEST)
+    _rename(temporary, where / MANIFEST)
 
 
-def _carry_over(target: Path, staging: Path, drop: set[str]) -> None:
-    """Hard-link (or copy) into ``staging`` everything in ``target`` that is not ours to drop: the user's files
-    survive the swap, and ``target`` itself is untouched until then."""
-    for root, dirs, names in os.walk(target):
-        here = Path(root)
-        if here == target:
-            dirs[:] = [d for d in dirs if not _internal(d)]
-            names = [n for n in names if not _internal(n)]
-        relative = here.relative_to(target)
-        for name in dirs:
-            (staging / relative / name).mkdir(exist_ok=True)
-        for name in names:
-            if (relative / name).as_posix() in drop or (staging / relative / name).exists():
-                continue
-            source, copy = here / name, staging / relative / name
-            if source.is_symlink():
-                os.symlink(os.readlink(source), copy)
-                continue
-            try:
-                os.link(source, copy)
-            except OSError:
-                shutil.copy2(source, copy)
+def _clashes(target: Path, new: list[str], ours: set[str]) -> dict[str, str]:
+    """Where each new top-level entry goes in ``target``: its own name, or (``_RENAMED_ON_CLASH``) another when
+    the user's file holds it; any other name that is taken by something not ours refuses the save."""
+    placed, taken = {}, []
+    for name in new:
+        placed[name] = name
+        if entry_kind(target / name) is None or name in ours:
+            continue
+        other = _RENAMED_ON_CLASH.get(name)
+        if other is None or entry_kind(target / other) is not None and other not in ours:
+            taken.append(name)
+        else:
+            placed[name] = other
+    if taken:
+        raise OutputError(f"{target} already holds {', '.join(taken)}, which sink-aware-pruning did not write; "
+                          "nothing was saved (no file there was changed): save into a new or empty directory")
+    for name, other in placed.items():
+        if other != name:
+            logger.warning(f"{target / name} is not this package's: kept, and the new one written as {other}")
+    return placed
 
 
-def _fill_in_place(staging: Path, target: Path, new_files: set[str]) -> None:
-    """Publish into ``target`` itself, file by file; the manifest says "incomplete" from the first change to the
-    last, and "complete" with the new file list after it."""
-    previous = _previous_output(target, new_files)
-    _write_manifest(staging, previous | new_files, complete=False, into=target)
-    for name in sorted(new_files):
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        _rename(staging / name, target / name)
-    for name in sorted(previous):
+def _fill_in_place(staging: Path, target: Path, new: list[str], previous: set[str], placed: dict[str, str]):
+    """Publish into ``target`` itself, entry by entry; the manifest says "incomplete" from the first change to
+    the last, and "complete" with the new list after it. Only ``previous`` (ours) is replaced or removed."""
+    final = set(placed.values())
+    _write_manifest(staging, (previous & set(_entries(target))) | final, complete=False, into=target)
+    for name in sorted(new):
+        destination = target / placed[name]
+        if entry_kind(destination) == "directory" or entry_kind(staging / name) == "directory":
+            aside = staging / f".previous-{placed[name]}"  # a directory cannot be renamed over a directory
+            if entry_kind(destination) is not None:
+                _rename(destination, aside)
+        _rename(staging / name, destination)
+    for name in sorted(previous - final):
         _remove(target / name)
-    _write_manifest(staging, new_files, complete=True, into=target)
+    _write_manifest(staging, final, complete=True, into=target)
     _fsync(target, directory=True)
 
 
@@ -298,7 +262,7 @@ def _swap(staging: Path, target: Path) -> None:
     """Put ``staging`` at ``target``, an existing directory: one atomic exchange, else two renames."""
     if _exchange(staging, target):
         _fsync(target.parent, directory=True)
-        shutil.rmtree(staging, ignore_errors=True)  # now the old output
+        shutil.rmtree(staging, ignore_errors=True)  # now the old output: everything in it was ours
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
     _rename(target, old)
@@ -311,21 +275,25 @@ def _swap(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _publish(staging: Path, target: Path, *, in_place: bool) -> None:
-    new_files = _files(staging)
-    for name in new_files:  # transformers writes weights 0600; a checkpoint is meant to be shared like any file
+def _publish(staging: Path, target: Path, *, in_place: bool, existing: Existing) -> None:
+    new = _entries(staging)
+    for name in _files(staging):  # transformers writes weights 0600; a checkpoint is meant to be shared
         (staging / name).chmod(0o666 & ~_umask())
         _fsync(staging / name)
-    if in_place:
-        _fill_in_place(staging, target, new_files)
-        return
     if not target.exists():
-        _write_manifest(staging, new_files, complete=True)
+        _write_manifest(staging, set(new), complete=True)
         _rename(staging, target)
         _fsync(target.parent, directory=True)
         return
-    _carry_over(target, staging, _previous_output(target, new_files) | new_files)
-    _write_manifest(staging, new_files, complete=True)
+    manifest = _trusted_manifest(target, existing)
+    if existing != "merge":  # "replace" was checked before the work; "refuse" needs an empty directory
+        _refuse_foreign(target, manifest, str(target), "they were written there meanwhile; the result was not "
+                        "published")
+    placed = _clashes(target, new, ours(manifest))
+    if in_place:
+        _fill_in_place(staging, target, new, ours(manifest), placed)
+        return
+    _write_manifest(staging, set(new), complete=True)
     try:
         _swap(staging, target)
     except OSError as error:
@@ -333,14 +301,25 @@ def _publish(staging: Path, target: Path, *, in_place: bool) -> None:
             raise
         # e.g. a mount point that /proc did not show: stage inside it and fill it in place instead
         logger.info(f"{target} cannot be renamed ({error.strerror}); writing the files into it one by one")
-        inner = Path(tempfile.mkdtemp(prefix=f"{_INNER_STAGING}{os.getpid()}-", dir=target))
+        inner = Path(tempfile.mkdtemp(prefix=f"{INNER_STAGING}{os.getpid()}-", dir=target))
         try:
-            for name in sorted(new_files):
-                (inner / name).parent.mkdir(parents=True, exist_ok=True)
+            for name in new:
                 shutil.move(staging / name, inner / name)
-            _fill_in_place(inner, target, new_files)
+            _fill_in_place(inner, target, new, ours(manifest), placed)
         finally:
             shutil.rmtree(inner, ignore_errors=True)
+
+
+def _trusted_manifest(target: Path, existing: Existing) -> dict | None:
+    """The CLI refuses an untrusted manifest; the Python save path (whose run is done) treats the directory as
+    someone else's instead: nothing in it is replaced."""
+    try:
+        return read_manifest(target)
+    except ManifestError as error:
+        if existing != "merge":
+            raise
+        logger.warning(f"{error}; every file in {target} is treated as someone else's")
+        return None
 
 
 def _umask() -> int:
@@ -358,7 +337,9 @@ def _fill_in_place_needed(target: Path) -> bool:
     return bool(_protected(resolved)) or _is_mount_point(resolved) or not os.access(target.parent, os.W_OK)
 
 
-def _mkdir(path: Path, what: str) -> None:
+def _mkdir(path: Path, what: str) -> list[Path]:
+    """Create ``path`` and its missing parents; return those it created, deepest first."""
+    created = [p for p in (path, *path.parents) if not os.path.lexists(p)]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError as error:
@@ -367,6 +348,37 @@ def _mkdir(path: Path, what: str) -> None:
         raise OutputError(f"cannot create {what} {path}: a part of it is a file, not a directory") from error
     except OSError as error:
         raise OutputError(f"cannot create {what} {path}: {error.strerror}") from error
+    return created
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def _writing_error(error: Exception, staging: Path, target: Path) -> Exception:
+    """A failed write into the staging directory, told as the output's: a full disk, a quota, a read-only
+    remount, reported by Python (``OSError``) or by Rust libraries (safetensors: "... (os error 28)")."""
+    if isinstance(error, OutputError):  # a nested save (the CLI's oneshot into its staging directory)
+        text = str(error).replace(str(staging), str(target))
+        return error if text == str(error) else type(error)(text)
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    code = int(found.group(1)) if code is None and found else code
+    if code not in _WRITE_ERRNOS:
+        return error
+    name = getattr(error, "filename", None)
+    path = Path(name) if name else target
+    if name and path.is_relative_to(staging):  # the name the file would have had; bookkeeping is not named
+        inner = path.relative_to(staging)
+        path = target if internal(inner.parts[0]) else target / inner
+    return OutputError(f"cannot write {path}: {os.strerror(code)}; nothing was published")
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
@@ -374,37 +386,44 @@ def staged(target: str | os.PathLike, *, existing: Existing = "merge") -> Iterat
     """Yield an empty staging directory; when the block ends without an exception, publish it at ``target``.
 
     ``existing`` says what an existing non-empty ``target`` gets: ``"refuse"`` (an error, checked on entry and
-    again before publishing), ``"replace"`` (the CLI's ``--overwrite``, checked by ``check_output`` first) or
-    ``"merge"`` (the Python save path): the new output replaces the previous one (the files its manifest lists,
-    and any weights, ``sink_report.json`` or ``recipe.yaml``) and every other file is kept.
+    again before publishing), ``"replace"`` (the CLI's ``--overwrite``, checked by ``check_output`` first and
+    again before publishing: everything in it must be ours) or ``"merge"`` (the Python save path): the
+    directory is filled in place; entries the manifest lists as ours are replaced, ``recipe.yaml`` and
+    ``sink_report.json`` of someone else's are kept (the new ones get ``_RENAMED_ON_CLASH`` names) and any other
+    name that is taken refuses the save; nothing below the top level is looked at.
 
     On entry (before the caller's expensive work) the parent is created, the lock taken, leftovers of dead runs
     removed and the staging directory made, so an unwritable location or a busy output fails at once. On an
-    exception, Ctrl-C or SIGTERM (which the CLI turns into an exception) the staging directory is removed and
-    ``target`` is as it was.
+    exception, Ctrl-C or SIGTERM (which the CLI turns into an exception) the staging directory, the lock and
+    the empty parents it created are removed and ``target`` is as it was.
     """
-    target = Path(os.path.abspath(Path(target).expanduser()))
+    target = _resolve_output(Path(target), str(target))
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target} exists and is not a directory")
-    _mkdir(target.parent, "the parent directory")
-    in_place = target.is_dir() and _fill_in_place_needed(target)
-    lock = target / _INNER_LOCK if in_place else target.parent / f".{target.name}.lock"
-    with holding_lock(lock, target):
-        _remove_leftovers(target)
-        if existing == "refuse" and target.is_dir() and _entries(target):
-            raise OutputError(f"{target} is not empty; pass --overwrite to replace it")
-        try:
-            staging = Path(tempfile.mkdtemp(
-                prefix=f"{_INNER_STAGING}{os.getpid()}-" if in_place else f".{target.name}.partial-{os.getpid()}-",
-                dir=target if in_place else target.parent))
-        except OSError as error:
-            raise OutputError(f"cannot write to {error.filename or target.parent}: {error.strerror}") from error
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
-        try:
-            yield staging
+    created = _mkdir(target.parent, "the parent directory")
+    try:
+        in_place = target.is_dir() and (existing == "merge" or _fill_in_place_needed(target))
+        lock = target / INNER_LOCK if in_place else target.parent / f".{target.name}.lock"
+        with holding_lock(lock, target):
+            remove_leftovers(target)
             if existing == "refuse" and target.is_dir() and _entries(target):
-                raise OutputError(f"{target} is not empty (something was written there meanwhile); the result "
-                                  "was not published")
-            _publish(staging, target, in_place=in_place)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                raise OutputError(f"{target} is not empty; pass --overwrite to replace it")
+            try:
+                staging = Path(tempfile.mkdtemp(
+                    prefix=f"{INNER_STAGING}{os.getpid()}-" if in_place else f".{target.name}.partial-"
+                    f"{os.getpid()}-", dir=target if in_place else target.parent))
+            except OSError as error:
+                raise OutputError(f"cannot write to {error.filename or target.parent}: {error.strerror}") \
+                    from error
+            staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
+            try:
+                try:
+                    yield staging
+                except Exception as error:
+                    raise _writing_error(error, staging, target) from error
+                _publish(staging, target, in_place=in_place, existing=existing)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        _remove_empty(created)
+        raise

@@ -3,8 +3,11 @@
 ``oneshot`` saves the model after every modifier has finalized and never tells modifiers where; wrapping the
 model's own ``save_pretrained`` is the one place that sees the output directory, whatever entry point saves.
 The wrapper writes the checkpoint and ``sink_report.json`` into a staging directory and publishes it with
-``sink_modifier.publish`` (one swap; the previous checkpoint's files, an old ``sink_report.json`` included, go,
-other files stay), so a crash, an exception or Ctrl-C at any moment leaves the old output or the new one.
+``sink_modifier.publish`` (``existing="merge"``: a new directory by one rename; an existing one filled in place
+at its top level, replacing only what the manifest of an earlier save of ours lists, keeping the user's
+``recipe.yaml`` / ``sink_report.json`` next to ours under other names, refusing any other taken name), so a
+crash, an exception or Ctrl-C at any moment leaves the old output or the new one and no file of the user's is
+deleted or replaced.
 """
 
 from __future__ import annotations

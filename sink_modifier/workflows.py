@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from sink_modifier.errors import CLIError, one_line
+from sink_modifier.preflight import check_dataset_name, check_device
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "calibrate_and_save", "calibration_source", "default_text", "display_name", "eval_command",
     "format_perplexity", "load_model", "load_recipe", "print_table", "prune", "pruned_fraction", "read_samples",
-    "run_command", "seed_everything", "texts_from_disk", "token_samples",
+    "run_command", "seed_everything", "texts_from_disk", "token_samples", "tokenize_prefix",
 ]
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
@@ -49,10 +50,27 @@ def display_name(name: str) -> str:
 def load_model(
     name: str, *, trust_remote_code: bool = False, dtype: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer through ``sink_modifier.loading`` (repairs, a finite check forward, fast failures)."""
-    from sink_modifier.loading import load_model_and_tokenizer
+    """Model and tokenizer through ``sink_modifier.loading`` (repairs, a finite check forward, fast failures).
+    A local ``tokenizer.json`` that the tokenizers library cannot read is named (it fails deep in transformers
+    with a ``KeyError`` or the like); ``sources.check_checkpoint_files`` already named corrupt weights and JSON."""
+    from sink_modifier.errors import UserError
+    from sink_modifier.loading import LoadError, load_model_and_tokenizer
 
-    return load_model_and_tokenizer(name, trust_remote_code=trust_remote_code, dtype=dtype)
+    try:
+        return load_model_and_tokenizer(name, trust_remote_code=trust_remote_code, dtype=dtype)
+    except (UserError, LoadError, OSError):
+        raise
+    except Exception:
+        tokenizer = Path(name).expanduser() / "tokenizer.json"
+        if tokenizer.is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(tokenizer))
+            except Exception as error:
+                raise LoadError(f"{tokenizer} is not a tokenizer the tokenizers library can read "
+                                f"({one_line(error)}); download or save the checkpoint again") from None
+        raise
 
 
 def _pipeline_for(model, requested: str | None) -> str:
@@ -73,7 +91,9 @@ def read_samples(path: Path) -> list[str]:
     files) has one sample per document between them instead. Whitespace is stripped and empty samples dropped.
     """
     if not path.is_file():
-        raise CLIError(f"--text-file {path}: no such file")
+        what = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)" \
+            if path.exists() else "no such file"
+        raise CLIError(f"--text-file {path}: {what}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -133,7 +153,7 @@ def token_samples(
     if texts is not None:
         texts = [t for t in texts if t.strip()]
         texts = texts[:limit] if limit else texts
-        ids = [tokenizer(t, truncation=True, max_length=args.max_seq_length)["input_ids"] for t in texts]
+        ids = [tokenize_prefix(tokenizer, t, args.max_seq_length) for t in texts]
     samples = [list(row[: args.max_seq_length]) for row in ids if len(row) > 0]
     samples = samples[:limit] if limit else samples
     if not samples:
@@ -141,6 +161,19 @@ def token_samples(
     logger.info(f"{len(samples)} samples, {sum(map(len, samples))} tokens" + (
         f" (at most {limit} were asked for)" if limit and len(samples) < limit else ""))
     return samples
+
+
+def tokenize_prefix(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
+    """``tokenizer(text, truncation=True, max_length=max_length)``'s ids, tokenizing only a prefix of the text
+    (a tokenizer truncates after tokenizing all of it: 52 s and 3.5 GB for a 20 MB one-line file). The prefix,
+    cut at whitespace, doubles until it yields more tokens than needed or is the whole text: only the last word
+    before a cut can tokenize differently, and it lies beyond the tokens kept."""
+    budget = 16 * max_length + 64
+    while True:
+        cut = text if budget >= len(text) else text[: text.rfind(" ", 0, budget) + 1 or budget]
+        if cut is text or len(tokenizer(cut, add_special_tokens=False)["input_ids"]) > max_length + 8:
+            return tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]
+        budget *= 4
 
 
 def _dataset(samples: list[list[int]]):
@@ -168,9 +201,11 @@ def load_recipe(path: Path, seed: int | None):
     from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
 
     if not path.is_file():
-        raise CLIError(f"--recipe {path}: no such file")
+        raise CLIError(f"--recipe {path}: {'a directory' if path.is_dir() else 'no such file'}")
     try:
-        path.read_text(encoding="utf-8")
+        if not isinstance(yaml.safe_load(path.read_text(encoding="utf-8")), dict):
+            raise CLIError(f"--recipe {path} is empty or not a YAML mapping of stages and modifiers; see the "
+                           "recipes/ directory for examples")
         recipe = Recipe.create_instance(str(path))
     except UnicodeDecodeError:
         raise CLIError(f"--recipe {path} is not a YAML recipe (not UTF-8 text)") from None
@@ -249,6 +284,8 @@ def run_command(args: argparse.Namespace) -> int:
     output = check_output(args.output, overwrite=args.overwrite)
     recipe = load_recipe(args.recipe, args.seed)
     named = args.dataset is not None and not Path(args.dataset).expanduser().exists()
+    if named:
+        check_dataset_name(args.dataset)
     source = None if named else calibration_source(args)  # a dataset name: llm-compressor loads it
     with staged(output, existing="replace" if args.overwrite else "refuse") as staging:
         seed_everything(args.seed)
@@ -257,10 +294,15 @@ def run_command(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         args.pipeline = _pipeline_for(model, args.pipeline)
         if named:
-            fraction, parameters = calibrate_and_save(
-                model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
-                num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
-                trust_remote_code_model=args.trust_remote_code)
+            try:
+                fraction, parameters = calibrate_and_save(
+                    model, tokenizer, staging, dataset=args.dataset, recipe=recipe, pipeline=args.pipeline,
+                    num_calibration_samples=args.num_samples, max_seq_length=args.max_seq_length,
+                    trust_remote_code_model=args.trust_remote_code)
+            except ConnectionError as error:
+                raise CLIError(f"--dataset {args.dataset}: not a directory, and the Hub could not be reached to "
+                               f"fetch it ({type(error).__name__}); save it with datasets' save_to_disk where "
+                               "there is a network and pass that directory") from None
         else:
             samples = token_samples(args, tokenizer, source=source)
             fraction, parameters = prune(
@@ -322,13 +364,13 @@ def eval_command(args: argparse.Namespace) -> int:
     default = default_text()
     if args.text_file is None and args.dataset is None and default is None:
         raise CLIError("no evaluation text: pass --text-file FILE or --dataset PATH")
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    # Whole texts go to the evaluator, which cuts them into max-length windows itself.
+    # Whole texts go to the evaluator, which cuts them into max-length windows itself; read before the model.
     if args.dataset is not None:
         texts, ids = texts_from_disk(Path(args.dataset).expanduser())
         inputs = texts if texts is not None else ids
     else:
         inputs = read_samples(args.text_file if args.text_file is not None else default)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     if args.num_samples:
         inputs = inputs[: args.num_samples]
     start = time.perf_counter()
@@ -355,7 +397,12 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise CLIError(f"--tasks needs lm-evaluation-harness ({error}): "
                        "pip install 'sink-aware-pruning[eval]'") from error
-    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    tasks = [name.strip() for name in (args.tasks.split(",") if isinstance(args.tasks, str) else args.tasks)
+             if name.strip()]
+    if not tasks:
+        raise CLIError(f"--tasks {args.tasks!r} names no task")
+    if args.device is not None:
+        check_device(args.device)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     model_args = {"mc_samples": args.num_mc_samples, "batch_size": args.batch_size,
                   "seed": 0 if args.seed is None else args.seed}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,3 +333,128 @@ def test_an_autoregressive_model_and_a_text_without_blank_lines_are_warned_about
     assert code == 0, err
     assert "WARNING" in err and "it is an autoregressive model, not a diffusion LM" in err
     assert "has no blank line, so all of it is one sample" in err
+
+
+# --------------------------------------------------------------------------- hang-ups, double Ctrl-C (issue 20)
+
+
+def start_signalled_run(dlm_path, text_file, output: Path, *, nohup: bool) -> tuple[subprocess.Popen, Path]:
+    """``start_run`` with SIGINT and SIGHUP at their defaults, as a terminal's foreground job has them, or SIGHUP
+    ignored by a real ``nohup`` (and what ``setsid`` and systemd give a service)."""
+
+    def defaults():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    prefix = []
+    if nohup:
+        prefix = [shutil.which("nohup")] if shutil.which("nohup") else [
+            sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+            "os.execvp(sys.argv[1], sys.argv[1:])"]
+    process = subprocess.Popen(
+        [*prefix, *script(), "run", str(dlm_path), "--recipe", str(RECIPE), "--text-file", str(text_file), *SMALL,
+         "-o", str(output), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=defaults)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        staging = list(output.parent.glob(f".{output.name}.partial-{process.pid}-*"))
+        if staging:
+            return process, staging[0]
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError(f"no staging directory appeared: {process.communicate()}")
+
+
+@pytest.mark.slow
+def test_a_run_under_nohup_survives_a_hang_up_and_a_foreground_one_stops_cleanly(dlm_path, text_file, tmp_path):
+    """The SIGHUP handler replaced nohup's ignore, so logging out killed a long prune (exit 129)."""
+    kept = tmp_path / "kept"
+    process, _ = start_signalled_run(dlm_path, text_file, kept, nohup=True)
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert out.startswith("Pruned ") and read_manifest(kept)["complete"] and (kept / "model.safetensors").is_file()
+
+    stopped = tmp_path / "stopped"
+    process, staging = start_signalled_run(dlm_path, text_file, stopped, nohup=False)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGHUP, err
+    assert "terminated; nothing was published" in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["kept"]
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_10_ms_apart_stop_the_run_without_a_traceback(dlm_path, text_file, tmp_path):
+    stopped = 0
+    for attempt, delay in enumerate([0, 0.3, 0.6, 1.0]):  # the imports, the model loading, the calibration
+        output = tmp_path / f"out{attempt}"
+        process, _ = start_signalled_run(dlm_path, text_file, output, nohup=False)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        if process.returncode in (0, -signal.SIGINT) and output.is_dir() and read_manifest(output)["complete"]:
+            continue  # published before the signals came (-2: Python had already restored SIGINT while exiting)
+        stopped += 1
+        assert process.returncode == 128 + signal.SIGINT, err
+        assert "Traceback" not in err and err.strip().splitlines() == [
+            "sink-prune run: interrupted; nothing was published"], err
+        assert not output.exists()
+    assert stopped, "no attempt stopped the run"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --------------------------------------------------------------------------- symlinked, mounted outputs (issue 20)
+
+
+def test_an_output_through_a_symlink_is_written_into_its_target(capsys, dlm_path, text_file, tmp_path):
+    real = tmp_path / "disk" / "run1"
+    real.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    code, out, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, *SMALL,
+                             "-o", link, "-q")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert (real / "model.safetensors").is_file() and read_manifest(real)["complete"]
+    assert f"checkpoint:  {link}/" in out
+    assert sorted(os.listdir(tmp_path)) == ["disk", "out"] and os.listdir(real.parent) == ["run1"]
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    code, _, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, "-o", dangling)
+    one_line_error(code, err, f"--output {dangling} is a symbolic link to {tmp_path / 'nowhere'}, which does "
+                   "not exist")
+    assert "Loaded" not in err and dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "ABSOLUTE", "sub/x"])
+def test_overwrite_refuses_a_mounted_output_whose_manifest_points_outside(capsys, dlm_path, text_file, tmp_path,
+                                                                          entry):
+    """An empty mount point filled in place, whose manifest was edited to list a file outside it: --overwrite
+    used to unlink that file."""
+    import hashlib
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not sink-prune's")
+    volume = tmp_path / "volume"
+    mounted = mount_tmpfs(volume)
+    try:
+        (volume / "sub").mkdir()
+        (volume / "sub" / "x").write_text("below the top level")
+        (volume / MANIFEST).write_text(json.dumps({"writer": "sink-aware-pruning", "complete": True, "files": [
+            str(victim) if entry == "ABSOLUTE" else entry]}))
+        def hashes():
+            return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
+
+        before = hashes()
+        code, _, err = run_cli(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, "-o", volume,
+                               "--overwrite")
+        one_line_error(code, err, "which is not a file directly inside")
+        assert "the manifest is refused, not followed" in err and "Loaded" not in err
+        assert hashes() == before
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(volume)], check=False)
