@@ -141,3 +141,20 @@ def test_cli_run_and_reload_as_printed(published, recipe, tmp_path):
             or any("lm_head" in pattern for pattern in config["quantization_config"]["ignore"])
     sink_report = json.loads((out / "sink_report.json").read_text())
     assert sink_report["family"] == {"llada": "masked", "dream": "dream"}[name]
+
+
+def test_documented_llada_ignore_pattern(published_llada):
+    """docs/supported-models.md: with ``targets: [Linear]``, LLaDA's LM head must be ignored by a pattern that
+    matches llm-compressor's module names (which end in a dot: ``model.transformer.ff_out.``); an anchored
+    ``ff_out$`` misses it and the modifier refuses the recipe rather than prune the head."""
+    anchored = SinkAwarePruningModifier(targets=["Linear"], ignore=[r"re:.*transformer\.ff_out$"], noise_levels=2)
+    with pytest.raises(ValueError, match=r"would prune model\.transformer\.ff_out"):
+        oneshot(model=load_model(published_llada, trust_remote_code=True), dataset=token_dataset(num=2),
+                recipe=[anchored], trust_remote_code_model=True)
+    model = load_model(published_llada, trust_remote_code=True)
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    documented = SinkAwarePruningModifier(targets=["Linear"], ignore=[r"re:.*transformer\.ff_out\.?$"],
+                                          noise_levels=2)
+    oneshot(model=model, dataset=token_dataset(num=2), recipe=[documented], trust_remote_code_model=True)
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+    assert (model.model.transformer.blocks[0].ff_out.weight == 0).float().mean() == pytest.approx(0.5, abs=0.02)
