@@ -104,7 +104,8 @@ print(json.dumps({"finite": bool(torch.isfinite(logits).all()), "head": params[h
 
 @pytest.mark.parametrize("recipe", ["sink_wanda_unstructured_50", "sink_2of4_fp8", "sink_2of4_w4a16"])
 def test_cli_run_and_reload_as_printed(published, recipe, tmp_path):
-    """``sink-prune run`` in a fresh interpreter, then the printed reload call in another."""
+    """``sink-prune run`` in a fresh interpreter (the W4A16 run through ``--pipeline diffusion``, the others
+    through llm-compressor's), then the printed reload call in another."""
     name, path = published
     text = tmp_path / "calib.txt"
     if name == "llada":  # its word-level test tokenizer: "t<id>" words
@@ -119,7 +120,8 @@ def test_cli_run_and_reload_as_printed(published, recipe, tmp_path):
     out = tmp_path / "out"
     run = run_fresh("import sys; from sink_modifier.cli import main; sys.exit(main(sys.argv[1:]))",
                     "run", str(path), "--trust-remote-code", "--recipe", str(RECIPES / f"{recipe}.yaml"),
-                    "--text-file", str(text), "--output", str(out), "--quiet", "--max-seq-length", "32")
+                    "--text-file", str(text), "--output", str(out), "--quiet", "--max-seq-length", "32",
+                    *(["--pipeline", "diffusion"] if recipe == "sink_2of4_w4a16" else []))
     assert run.returncode == 0, run.stderr[-3000:]
     call = re.search(r"load with (.+)\)$", next(line for line in run.stdout.splitlines()
                                                   if line.startswith("checkpoint:"))).group(1)
@@ -158,3 +160,16 @@ def test_documented_llada_ignore_pattern(published_llada):
     oneshot(model=model, dataset=token_dataset(num=2), recipe=[documented], trust_remote_code_model=True)
     assert torch.equal(model.get_output_embeddings().weight, head_before)
     assert (model.model.transformer.blocks[0].ff_out.weight == 0).float().mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_python_oneshot_keeps_llada_head_out_of_fp8(published_llada, tmp_path):
+    """Through ``oneshot`` with the shipped FP8 recipe (no CLI): the sink modifier adds LLaDA's head to the later
+    QuantizationModifier's ignore, so the saved head is the original float tensor."""
+    model = load_model(published_llada, trust_remote_code=True, dtype="float32")
+    head = model.get_output_embeddings().weight.detach().clone()
+    oneshot(model=model, dataset=token_dataset(), recipe=str(RECIPES / "sink_2of4_fp8.yaml"),
+            trust_remote_code_model=True, output_dir=str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["ignore"] == ["model.transformer.ff_out"]
+    assert not hasattr(model.get_output_embeddings(), "quantization_scheme")
+    assert torch.equal(model.get_output_embeddings().weight, head)
