@@ -111,9 +111,9 @@ def _remote_failure(cls: type, name_or_path, config, error: Exception) -> LoadEr
 
     written = getattr(config, "transformers_version", None)
     cause = f"{type(error).__name__}: {one_line(error)}"
-    return LoadError(f"{cls.__name__} ({name_or_path}) ships modeling code"
-                     f"{f' written for transformers {written}' if written else ''} that fails under transformers "
-                     f"{transformers.__version__} even after sink_modifier's repairs: {cause}")
+    return LoadError(f"{cls.__name__} ({name_or_path}) fails in its own modeling code"
+                     f"{f' (written for transformers {written})' if written else ''} under transformers "
+                     f"{transformers.__version__}, after sink_modifier's repairs: {cause}")
 
 
 def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, **kwargs):
