@@ -173,3 +173,19 @@ def test_python_oneshot_keeps_llada_head_out_of_fp8(published_llada, tmp_path):
     assert config["quantization_config"]["ignore"] == ["model.transformer.ff_out"]
     assert not hasattr(model.get_output_embeddings(), "quantization_scheme")
     assert torch.equal(model.get_output_embeddings().weight, head)
+
+
+def test_cli_inspect(published, tmp_path):
+    """``sink-prune inspect`` on the published code (LLaDA has no module called "*Attention": the probe's
+    records are named by decoder layer, as in a run)."""
+    name, path = published
+    text = tmp_path / "calib.txt"
+    rows = torch.randint(5, 240, (2, 24), generator=torch.Generator().manual_seed(2)).tolist()
+    english = "The quick brown fox jumps over the lazy dog.\n\nAttention sinks draw attention to themselves."
+    text.write_text("\n\n".join(" ".join(f"t{i}" for i in row) for row in rows) if name == "llada" else english)
+    run = run_fresh("import sys; from sink_modifier.cli import main; sys.exit(main(sys.argv[1:]))",
+                    "inspect", str(path), "--trust-remote-code", "--text-file", str(text), "--output",
+                    str(tmp_path / "inspect"), "--quiet")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "inspect" / "sink_report.json").read_text())
+    assert report["family"] == {"llada": "masked", "dream": "dream"}[name] and len(report["layers"]) == 2
