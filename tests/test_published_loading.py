@@ -5,6 +5,7 @@ the kind of thing that made the published code look loadable when it was not."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,23 +71,32 @@ def test_fresh_load_gives_the_saved_weights_and_the_published_forward(name, requ
         assert report["rotary_buffers"] == 2 * 3  # the base model's and each layer's, in both models
 
 
-def test_a_transformers_that_breaks_the_code_again_fails_with_one_line(published_llada):
+def test_a_transformers_that_breaks_the_code_again_fails_with_one_line(published_llada, tmp_path):
     """Without the repair (as a future transformers could break the code in a new way) the loader names the
     model, the versions and the cause in one line, not a traceback."""
     code = r"""
 import sys
 from sink_modifier import load_model, remote_code
+from sink_modifier.cli import main
 from sink_modifier.loading import LoadError
 remote_code.repair_remote_code = lambda cls: None
 try:
     load_model(sys.argv[1], trust_remote_code=True)
 except LoadError as error:
     print("LOADERROR", error)
+print("CLI", main(["run", sys.argv[1], "--trust-remote-code", "--recipe", sys.argv[2], "--text-file", sys.argv[3],
+                   "--output", sys.argv[4], "-q"]))
 """
-    result = run_fresh(code, str(published_llada))
+    text = tmp_path / "calib.txt"
+    text.write_text("t5 t6 t7 t8\n\nt9 t10 t11 t12")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sink_wanda_unstructured_50.yaml"
+    result = run_fresh(code, str(published_llada), str(recipe), str(text), str(tmp_path / "out"))
     line = next(line for line in result.stdout.splitlines() if line.startswith("LOADERROR"))
     assert "LLaDAModelLM" in line and "(written for transformers 4.46.3) under transformers 5." in line
     assert "TypeError: LLaDAModelLM.tie_weights() got an unexpected keyword argument" in line
+    assert "CLI 1" in result.stdout and not (tmp_path / "out").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sink-prune run: error:")]
+    assert errors == [f"sink-prune run: error: {line.removeprefix('LOADERROR ')}"]  # one line, not "please report"
 
 
 def test_dream_hub_generation_code_runs(published_dream):
