@@ -197,35 +197,38 @@ def test_structured_then_unstructured_composes_in_the_independent_pipeline(dlm_p
     assert (down.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
 
 
-def test_llada_channels_shrink_and_reload(tmp_path):
+def test_llada_channels_shrink_and_reload(published_llada, tmp_path):
+    """The published LLaDA code: channels only (its code derives the head width), mlp_hidden_size rewritten."""
     from sink_modifier.loading import load_model as load_repaired
-    from tests.layouts import build_tiny_llada
 
-    path = build_tiny_llada(tmp_path / "llada")
-    model = load_repaired(path, trust_remote_code=True)
-    dataset = calibration_dataset(path, ["t5 t6 t7 t8 t9 t10 t11 t12", "t20 t21 t22 t23 t24 t25 t26 t27"])
-    modifier = SinkAwareStructuredPruningModifier(sparsity=0.5, **FAST)
-    oneshot(model=model, dataset=dataset, recipe=[modifier], trust_remote_code_model=True,
-            shuffle_calibration_samples=False)
+    model = load_repaired(published_llada, trust_remote_code=True)
+    texts = ["t5 t6 t7 t8 t9 t10 t11 t12", "t20 t21 t22 t23 t24 t25 t26 t27"]
+    dataset = calibration_dataset(published_llada, texts)
+    with pytest.raises(FamilyError, match="LLaDA's code sizes q_proj"):
+        oneshot(model=model, dataset=dataset, trust_remote_code_model=True,
+                recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5, **FAST)])
+    model = load_repaired(published_llada, trust_remote_code=True)
+    oneshot(model=model, dataset=dataset, recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, **FAST)],
+            trust_remote_code_model=True, shuffle_calibration_samples=False)
     assert model.config.mlp_hidden_size == 128
-    model._tied_weights_keys = {}  # the published code's list (see tests/layouts)
     model.save_pretrained(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["mlp_hidden_size"] == 128
     reloaded = load_repaired(tmp_path / "out", trust_remote_code=True)
     assert reloaded.model.transformer.blocks[0].ff_out.in_features == 128
 
 
-def test_dream_channels_shrink_and_heads_are_refused(tmp_path):
+def test_dream_channels_shrink_and_heads_are_refused(published_dream):
+    """The Hub's Dream code: channels only (its code derives head_dim from the head count)."""
     from sink_modifier.loading import load_model as load_repaired
-    from tests.layouts import build_tiny_dream
 
-    path = build_tiny_dream(tmp_path / "dream")
-    dataset = calibration_dataset(path, ["t5 t6 t7 t8 t9 t10 t11 t12", "t20 t21 t22 t23 t24 t25 t26 t27"])
-    model = load_repaired(path, trust_remote_code=True)
+    dataset = calibration_dataset(published_dream, ["The cat sat on the mat and looked at the door for a while.",
+                                                    "A small boat crossed the lake before the storm arrived."],
+                                  trust_remote_code=True)
+    model = load_repaired(published_dream, trust_remote_code=True)
     with pytest.raises(FamilyError, match="Dream's code derives head_dim"):
         oneshot(model=model, dataset=dataset, trust_remote_code_model=True,
                 recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, head_sparsity=0.5, **FAST)])
-    model = load_repaired(path, trust_remote_code=True)
+    model = load_repaired(published_dream, trust_remote_code=True)
     oneshot(model=model, dataset=dataset, trust_remote_code_model=True, shuffle_calibration_samples=False,
             recipe=[SinkAwareStructuredPruningModifier(sparsity=0.5, **FAST)])
     layer = model.model.layers[0]
