@@ -13,7 +13,7 @@ import contextlib
 import functools
 import json
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,11 @@ class SavePlan:
 
     checkpoint: CheckpointHooks | None = None
     report: dict | None = None
+    #: more top-level sections of the report, each owned by one modifier (``expert_pruning``)
+    sections: dict[str, dict] = field(default_factory=dict)
+
+    def full_report(self) -> dict | None:
+        return {**self.report, **self.sections} if self.report is not None else (self.sections or None)
 
 
 _PLANS: weakref.WeakKeyDictionary[torch.nn.Module, SavePlan] = weakref.WeakKeyDictionary()
@@ -69,8 +74,8 @@ def _wrap_save_pretrained(model: torch.nn.Module, plan: SavePlan) -> None:
                 result = original(str(staging), *args, **kwargs)
             if hooks is not None:
                 hooks.finish_checkpoint(model, staging)
-            if plan.report is not None:
-                write_report(plan.report, staging)
+            if plan.full_report() is not None:
+                write_report(plan.full_report(), staging)
         return result
 
     compat.replace_save_pretrained(model, save_pretrained)

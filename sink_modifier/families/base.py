@@ -7,6 +7,7 @@
   rows a forward feeds through shared weights, and the layers that hold each prunable weight once.
 * ``CheckpointHooks`` (the modifier and the save path): preparing the model, what must never be pruned, and
   edits around ``save_pretrained``.
+* ``ExpertLayout`` (expert pruning, ``families.moe``): where the routed experts are and how to remove some.
 
 The defaults describe a plain transformers model driven by ``model(input_ids=...)`` with one token stream; a
 family overrides only what differs. A ``Family`` bundles one implementation of each role under a name; the
@@ -18,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from sink_modifier.errors import UserError
+from sink_modifier.families.moe import ExpertLayout
 from sink_modifier.hooks import removing
 
 
@@ -195,8 +197,10 @@ class Family:
     attention: AttentionMeasurement
     calibration: CalibrationLayout
     checkpoint: CheckpointHooks
+    experts: ExpertLayout = field(default_factory=ExpertLayout)
 
     @classmethod
     def of(cls, name: str, implementation) -> Family:
-        """A family whose roles are all played by ``implementation``."""
-        return cls(name, implementation, implementation, implementation, implementation)
+        """A family whose roles are all played by ``implementation`` (experts: when it is an ``ExpertLayout``)."""
+        experts = implementation if isinstance(implementation, ExpertLayout) else ExpertLayout()
+        return cls(name, implementation, implementation, implementation, implementation, experts)

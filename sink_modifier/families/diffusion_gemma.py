@@ -42,6 +42,7 @@ from sink_modifier.families.diffusion_gemma_checkpoint import (
     _text_layers,
     is_diffusion_gemma,
 )
+from sink_modifier.families.diffusion_gemma_experts import DiffusionGemmaExperts
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
 from sink_modifier.hooks import removing
 from sink_modifier.seeding import content_generator
@@ -351,7 +352,8 @@ class _GenerationRecorder:
 
 def _build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
     implementation = DiffusionGemma(model)
-    return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights())
+    return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights(),
+                  DiffusionGemmaExperts())
 
 
 register(FamilySpec("diffusion_gemma", _build, matches=is_diffusion_gemma, priority=100, claims=True,
