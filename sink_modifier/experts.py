@@ -26,7 +26,6 @@ from functools import partial
 import torch
 from compressed_tensors.offload.dist_utils import is_distributed
 from llmcompressor.core import Event, State, active_session
-from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.reap.utils import REAPSaliencyTracker
 from loguru import logger
@@ -48,37 +47,24 @@ class SinkWeightedSaliency(REAPSaliencyTracker):
     tokens."""
 
     @torch.no_grad()
-    def add(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, norms: dict[int, torch.Tensor],
-            token_weights: torch.Tensor) -> None:
-        """One forward: routing ``[N, k]``, every expert's output norms, and token weights ``[N]``.
-
-        With llm-compressor's all-experts flag each expert's norms cover all ``N`` tokens in order; without it
-        they cover its routed tokens in ``(slot, token)`` order (``LinearExperts2D``'s ``torch.where``).
-        """
-        tokens, k = top_k_index.shape
-        if not norms or tokens == 0:
+    def add(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+            outputs: dict[int, tuple[torch.Tensor, torch.Tensor]], token_weights: torch.Tensor) -> None:
+        """One forward: routing ``[N, k]``, each expert's (routed tokens, outputs for them) and token weights
+        ``[N]`` (see ``families.moe.Observer``)."""
+        if not outputs:
             return
-        device = next(iter(norms.values())).device
+        device = top_k_weights.device
         if self.sum_saliency is None:
             self.sum_saliency = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
             self.count = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
-        index = top_k_index.to(device=device, dtype=torch.long).T.reshape(-1)  # (slot, token) order
-        gates = top_k_weights.to(device=device, dtype=torch.float64).T.reshape(-1)
-        token = torch.arange(tokens, device=device).repeat(k)
-        if get_calibrate_all_experts_flag():
-            stacked = torch.stack([norms[e] for e in range(self.num_experts)], dim=1).to(torch.float64)  # [N, E]
-            routed_norms = stacked[token, index]
-        else:
-            routed_norms = torch.zeros_like(gates)
-            for expert, values in norms.items():
-                routed = index == expert
-                if int(routed.sum()) != values.numel():
-                    raise RuntimeError(f"expert {expert} produced {values.numel()} outputs for "
-                                       f"{int(routed.sum())} routed tokens")
-                routed_norms[routed] = values.to(torch.float64)
-        weights = token_weights.to(device=device, dtype=torch.float64)[token]
-        self.sum_saliency.index_add_(0, index, weights * gates * routed_norms)
-        self.count.index_add_(0, index, weights)
+        token_weights = token_weights.to(device=device, dtype=torch.float64)
+        for expert, (tokens, rows) in outputs.items():
+            tokens = tokens.to(device)
+            gate = (top_k_weights.double() * (top_k_index == expert)).sum(dim=-1)[tokens]
+            norms = torch.linalg.vector_norm(rows.to(device).float(), dim=-1).double()  # as REAP
+            weights = token_weights[tokens]
+            self.sum_saliency[expert] += (weights * gate * norms).sum()
+            self.count[expert] += weights.sum()
 
     @property
     def mean_saliency(self) -> torch.Tensor:
@@ -113,7 +99,6 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
     _drop: int = PrivateAttr(0)
     _blocks: dict[str, MoeBlock] = PrivateAttr(default_factory=dict)
     _trackers: dict[str, SinkWeightedSaliency] = PrivateAttr(default_factory=dict)
-    _norms: dict[str, dict[int, torch.Tensor]] = PrivateAttr(default_factory=dict)
     _pruned: dict[str, dict] = PrivateAttr(default_factory=dict)
     _calibration: calibration.SinkCalibration | None = PrivateAttr(None)
     _save: SavePlan | None = PrivateAttr(None)
@@ -169,11 +154,7 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
                             "which only the diffusion pipeline feeds: pass pipeline='diffusion' to oneshot")
         for name, block in self._blocks.items():
             self._trackers[name] = SinkWeightedSaliency(self._limits.num_experts)
-            self._norms[name] = {}
-            for child, expert in block.experts.named_children():
-                if child.isdigit():
-                    self.register_hook(expert, partial(self._expert_output, name, int(child)), "forward")
-            self.register_hook(block.experts, partial(self._routed, name), "forward", with_kwargs=True)
+            self._family.experts.watch(block, partial(self._observed, name), self.register_hook)
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         """Remove the experts of every layer that finished calibrating (all at once under the basic pipeline)."""
@@ -186,7 +167,6 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
             self._family.experts.remove_experts(state.model, self._blocks[name], retained)
             self._pruned[name] = {"retained": retained, "saliency": [round(float(s), 6) for s in saliency]}
             del self._trackers[name]
-            self._norms.pop(name, None)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
@@ -204,7 +184,7 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
             if self._save.report is None and self._calibration is not None:
                 self._save.report = self._calibration.report()
             self._save.sections["expert_pruning"] = report
-        self._trackers, self._norms = {}, {}
+        self._trackers = {}
         if self._group is not None:
             import torch.distributed as dist
 
@@ -219,20 +199,10 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
 
     # ---- hooks ----
 
-    def _expert_output(self, name: str, index: int, module, args, output):
-        if name in self._norms:
-            output = output[0] if isinstance(output, tuple) else output
-            self._norms[name][index] = torch.linalg.vector_norm(output.detach().float(), dim=-1).reshape(-1)
-
-    def _routed(self, name: str, module, args, kwargs, output):
+    def _observed(self, name: str, top_k_index, top_k_weights, outputs):
         tracker = self._trackers.get(name)
-        if tracker is None:
-            return
-        values = list(args) + [kwargs.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights")
-                               if k in kwargs]
-        hidden, top_k_index, top_k_weights = values[:3]
-        tracker.add(top_k_index, top_k_weights, self._norms[name], self._token_weights(name, hidden.shape[0]))
-        self._norms[name] = {}
+        if tracker is not None:  # None: this layer is pruned already
+            tracker.add(top_k_index, top_k_weights, outputs, self._token_weights(name, top_k_index.shape[0]))
 
     def _token_weights(self, name: str, tokens: int) -> torch.Tensor:
         """This forward's row scales, one per token routed by ``name`` ([B, G, T] of the batch, flattened)."""

@@ -9,8 +9,9 @@ default, which describes what llm-compressor's own REAP handles: blocks with ``e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -64,8 +65,48 @@ class RoutingLimits:
         return drop
 
 
+#: ``observe(top_k_index [N, k], top_k_weights [N, k], outputs)`` after every forward of a block, where ``outputs``
+#: maps each expert that ran to (the tokens it computed for [n], its outputs for them [n, H]); tokens index the
+#: block's flattened input rows
+Observer = Callable[[torch.Tensor, torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]], None]
+
+
 class ExpertLayout:
     """The default: llm-compressor's REAP conventions (``LinearExperts2D`` experts next to a router Linear)."""
+
+    def watch(self, block: MoeBlock, observe: Observer, register: Callable) -> None:
+        """Call ``observe`` after every forward of ``block``; hooks go through ``register(module, hook, kind,
+        **kwargs)`` (the modifier's, so llm-compressor can disable them while it propagates).
+
+        ``LinearExperts2D`` calls every expert with all tokens under llm-compressor's all-experts flag, and with
+        its routed tokens in ``(slot, token)`` order (``torch.where`` over ``[k, N]``) without it.
+        """
+        from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
+
+        outputs: dict[int, torch.Tensor] = {}
+
+        def expert_output(index, module, args, output):
+            outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        def routed(module, args, kwargs, output):
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            values = [*args, *(kwargs[k] for k in names if k in kwargs)]
+            top_k_index, top_k_weights = values[1], values[2]
+            seen = {}
+            for index, rows in outputs.items():
+                if get_calibrate_all_experts_flag():
+                    tokens = (top_k_index == index).any(dim=-1).nonzero().squeeze(-1)
+                    rows = rows[tokens]
+                else:
+                    tokens = torch.where((top_k_index == index).T)[1]
+                seen[index] = (tokens, rows)
+            outputs.clear()
+            observe(top_k_index, top_k_weights, seen)
+
+        for name, expert in block.experts.named_children():
+            if name.isdigit():
+                register(expert, partial(expert_output, int(name)), "forward")
+        register(block.experts, routed, "forward", with_kwargs=True)
 
     def moe_blocks(self, model: torch.nn.Module) -> list[MoeBlock]:
         from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
