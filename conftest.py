@@ -43,6 +43,26 @@ def diffusion_gemma_path(tmp_path_factory):
     return build_tiny_diffusion_gemma(tmp_path_factory.mktemp("diffusion_gemma"))
 
 
+@pytest.fixture(scope="session")
+def published_llada(tmp_path_factory):
+    """A tiny random LLaDA-8B-Instruct checkpoint with the published remote code (tests/published.py)."""
+    from tests.published import FIXTURES, SKIP_REASON, build
+
+    if not (FIXTURES / "llada").is_dir():
+        pytest.skip(SKIP_REASON)
+    return build("llada", tmp_path_factory.mktemp("published") / "llada")
+
+
+@pytest.fixture(scope="session")
+def published_dream(tmp_path_factory):
+    """A tiny random Dream-v0-Instruct-7B checkpoint with the Hub's code and tokenizer (tests/published.py)."""
+    from tests.published import FIXTURES, SKIP_REASON, build
+
+    if not (FIXTURES / "dream").is_dir():
+        pytest.skip(SKIP_REASON)
+    return build("dream", tmp_path_factory.mktemp("published") / "dream")
+
+
 def load_model(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

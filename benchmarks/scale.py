@@ -2,7 +2,8 @@
 DiffusionGemma-26B, through the CLI's real path.
 
 For each model and depth a checkpoint with the published layer shapes and vocabulary, random bf16 weights and
-1, 2 or 4 decoder layers is built and saved (the LLaDA and Dream stand-ins of ``tests/layouts`` as remote code),
+1, 2 or 4 decoder layers is built and saved (LLaDA and Dream with their published remote code, laid out as on the
+Hub by ``tests/published.py``; needs ``../shared/fixtures/published-dlm-code``),
 then ``sink-prune run`` loads it with the loader and prunes it with a shipped recipe, in a fresh process whose
 resident memory is sampled every 50 ms. Phases: load (the loader, including its check forward), trajectory
 (``run_trajectory``), pruning (the rest of ``oneshot``: calibration, compression, saving).
@@ -82,44 +83,17 @@ def build_checkpoint(shape: Shape, layers: int, path: Path) -> int:
     torch.manual_seed(0)
     if shape.family == "diffusion_gemma":
         return _build_diffusion_gemma(shape, layers, path)
-    from tests.layouts import save_as_remote_code
+    from tests.published import build
 
     if shape.family == "llada":
-        from tests.layouts.llada import LLaDAConfig as Config
-        from tests.layouts.llada import LLaDAModelLM as Model
-
-        config = Config(d_model=shape.d, n_heads=shape.heads, n_kv_heads=shape.kv_heads, n_layers=layers,
-                        mlp_hidden_size=shape.mlp, vocab_size=shape.vocab, mask_token_id=shape.mask_token_id)
-        autos = ("AutoModel", "AutoModelForCausalLM")
+        config = dict(d_model=shape.d, n_heads=shape.heads, n_kv_heads=shape.kv_heads, n_layers=layers,
+                      mlp_hidden_size=shape.mlp, vocab_size=shape.vocab, mask_token_id=shape.mask_token_id)
     else:
-        from tests.layouts.dream import DreamConfig as Config
-        from tests.layouts.dream import DreamModel as Model
-
-        config = Config(hidden_size=shape.d, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                        num_hidden_layers=layers, intermediate_size=shape.mlp, vocab_size=shape.vocab,
-                        mask_token_id=shape.mask_token_id)
-        autos = ("AutoModel",)
-    with torch.device("meta"):
-        model = Model(config)
-        if not hasattr(model, "all_tied_weights_keys"):
-            model.post_init()  # LLaDA never calls it; on the meta device it initialises nothing
-    model = _materialise(model)
-    save_as_remote_code(model, path, autos)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _materialise(model):
-    """Random bf16 weights (std 0.02; norms 1) without ever holding a float32 copy."""
-    import torch
-
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02)
-    return model.eval()
+        config = dict(hidden_size=shape.d, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                      num_hidden_layers=layers, intermediate_size=shape.mlp, vocab_size=shape.vocab,
+                      mask_token_id=shape.mask_token_id)
+    build(shape.family, path, dtype=torch.bfloat16, **config)
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def _build_diffusion_gemma(shape: Shape, layers: int, path: Path) -> int:

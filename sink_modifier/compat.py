@@ -18,6 +18,25 @@ some other way.
   (:func:`make_saveable`).
 * Some copies of LLaDA's code pass ``config.init_device`` (``"cuda"``) to every parameter; on a machine
   without CUDA the model cannot even be built (:func:`cpu_init_device`).
+* transformers 5 (5.0 through 5.17 at least) calls base-class hooks with keywords that 4.x overrides do not
+  take: ``PreTrainedModel.init_weights`` calls ``tie_weights(recompute_mapping=False)`` (LLaDA's published
+  ``def tie_weights(self)``), ``GenerationConfig.__init__`` calls ``validate(user_set_attributes=...)`` (Dream's
+  Hub ``DreamGenerationConfig.validate(self, is_init=False)``). ``remote_code.repair_remote_code`` adapts any such
+  override in the checkpoint's own modules to ignore the keywords it predates (``sink_modifier.remote_code``).
+* transformers 5.17's ``GenerationConfig.from_model_config`` fails for subclasses with fields of their own
+  (Dream's ``DreamGenerationConfig``, used by its ``diffusion_generate``); the remote subclass gets a version
+  without the failing comparison (``remote_code.repair_remote_code``).
+* transformers 5 removed the ``"default"`` entry of ``modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (each model
+  computes default RoPE itself now); Dream's and LLaDA-MoE's code (transformers 4.46) look it up:
+  ``KeyError: 'default'``. ``remote_code.repair_remote_code`` gives the remote module its own copy of the
+  table with 4.46's default computation added; the library's table is left alone.
+* transformers 5 pops generation keys (``use_cache``, ...) from the keywords a 4.x config class passes to
+  ``PreTrainedConfig.__init__``; LLaDA's forward reads ``config.use_cache``
+  (``remote_code.restore_generation_keys``).
+
+The repairs of the last four points live in ``sink_modifier.remote_code`` (this module's length).
+The remote-code repairs edit only the classes and modules transformers loaded from the checkpoint (they belong
+to that checkpoint), never a library's globals, and they are idempotent.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Likelihood evaluation: masked-diffusion ELBO perplexity for masked DLMs, ordinary perplexity for AR models.
+"""Likelihood evaluation: masked-diffusion ELBO perplexity for masked DLMs, ordinary perplexity for AR models
+(which one, and how logits line up with tokens, is the family's ``Scoring`` role).
 
 Pruning is judged by how much likelihood it costs, so both numbers must be comparable and precise:
 
@@ -20,7 +21,7 @@ the text tokens and their perplexities are comparable (an AR model cannot score 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,14 +125,22 @@ def _pad(batch: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, attention
 
 
+Logits = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _model_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
 def token_scores(
-    model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor]
+    model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor], logits: Logits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-log p(target) (float32) and whether the target is the argmax, at every position ([B, T]; padding 0 and
-    False). One right-padded forward of ``batch``."""
+    False). One right-padded forward of ``batch``; ``logits(model, ids, attention_mask)`` aligns the model's
+    logits with the positions they predict (a family's ``Scoring.token_logits``; default: as the model gives)."""
     device = next(model.parameters()).device
     ids, attention = _pad(batch, 0)
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+    logits = (logits or _model_logits)(model, ids.to(device), attention.to(device))
     target_ids, _ = _pad(targets, 0)
     target_ids, attention = target_ids.to(device), attention.to(device).bool()
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -140,9 +149,10 @@ def token_scores(
     return (nll * attention).cpu(), (greedy & attention).cpu()
 
 
-def token_nll(model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+def token_nll(model: torch.nn.Module, batch: list[torch.Tensor], targets: list[torch.Tensor],
+              logits: Logits | None = None) -> torch.Tensor:
     """-log p(target) at every position of every row (float32, [B, T], padding 0)."""
-    return token_scores(model, batch, targets)[0]
+    return token_scores(model, batch, targets, logits)[0]
 
 
 def noise_generator(seed: int, sample: int, sequences: list[torch.Tensor]) -> torch.Generator:
@@ -209,9 +219,11 @@ def elbo_perplexity(
     seed: int = 0,
     max_length: int = 128,
     batch_size: int = 16,
+    logits: Logits | None = None,
 ) -> EvalResult:
     """Monte-Carlo masked-diffusion ELBO of a masked DLM, per token, and ``exp`` of it (an upper bound on the
-    true perplexity). See the module docstring for the estimator and its stratified noise levels."""
+    true perplexity). See the module docstring for the estimator and its stratified noise levels. ``logits``:
+    the family's alignment of logits with tokens (``Scoring.token_logits``: Dream's are shifted by one)."""
     if num_mc_samples < 1:
         raise ValueError(f"num_mc_samples must be at least 1, got {num_mc_samples}")
     bos = model_bos_id(model, tokenizer)
@@ -229,7 +241,7 @@ def elbo_perplexity(
             clean = [sequences[j] for _, j, _, _ in chunk]
             noisy = [torch.where(m, torch.full_like(sequences[j], mask_token_id), sequences[j])
                      for _, j, _, m in chunk]
-            nll = token_nll(model, noisy, clean).double()
+            nll = token_nll(model, noisy, clean, logits).double()
             for row, (sample, _, t, masked) in enumerate(chunk):
                 totals[sample] += nll[row, : masked.numel()][masked].sum() / t
     return _result(totals, num_tokens)
@@ -242,6 +254,7 @@ def ar_perplexity(
     tokenizer=None,
     max_length: int = 128,
     batch_size: int = 16,
+    logits: Logits | None = None,
 ) -> EvalResult:
     """Exact next-token perplexity of a causal LM over the same windows the ELBO uses (stderr 0)."""
     bos = model_bos_id(model, tokenizer)
@@ -254,7 +267,7 @@ def ar_perplexity(
     with EvalMode(model):
         for start in range(0, len(sequences), batch_size):
             batch = sequences[start : start + batch_size]
-            nll = token_nll(model, [x[:-1] for x in batch], [x[1:] for x in batch]).double()
+            nll = token_nll(model, [x[:-1] for x in batch], [x[1:] for x in batch], logits).double()
             total += float(nll.sum())
             num_tokens += sum(x.numel() - 1 for x in batch)
     mean = total / num_tokens
@@ -273,16 +286,19 @@ def perplexity(
     max_length: int = 128,
     batch_size: int = 16,
 ) -> EvalResult:
-    """ELBO perplexity for a masked DLM, ordinary perplexity for an AR model; the model's attention decides
-    (as ``families.resolve`` does)."""
+    """The likelihood the model's family defines (its ``Scoring`` role, ``families.resolve``): the ELBO for a
+    masked DLM (with the family's logit alignment), ordinary perplexity for an AR model; a family without an
+    estimator (DiffusionGemma) is refused in one line (``FamilyError``)."""
     from sink_modifier import families
-    from sink_modifier.families.masked import MaskedDiffusion
 
-    family = families.resolve(model, "auto", families.FamilyOptions(mask_token_id=mask_token_id))
-    if isinstance(family.noise, MaskedDiffusion):
+    scoring = families.resolve(model, "auto", families.FamilyOptions(mask_token_id=mask_token_id)).scoring
+    if scoring.likelihood == "elbo":
         return elbo_perplexity(
-            model, texts_or_token_tensors, tokenizer=tokenizer, mask_token_id=family.noise.mask_token_id,
+            model, texts_or_token_tensors, tokenizer=tokenizer, mask_token_id=scoring.mask_token_id,
             num_mc_samples=num_mc_samples, seed=seed, max_length=max_length, batch_size=batch_size,
+            logits=scoring.token_logits,
         )
-    return ar_perplexity(model, texts_or_token_tensors, tokenizer=tokenizer, max_length=max_length,
-                         batch_size=batch_size)
+    if scoring.likelihood == "causal":
+        return ar_perplexity(model, texts_or_token_tensors, tokenizer=tokenizer, max_length=max_length,
+                             batch_size=batch_size, logits=scoring.token_logits)
+    raise families.FamilyError(scoring.refusal)

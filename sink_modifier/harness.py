@@ -1,18 +1,22 @@
 """lm-evaluation-harness model ``diffusion_lm``: downstream tasks scored the way each family defines likelihood.
 
 lm-eval's ``hf`` model scores causal next-token likelihoods, which mean nothing for a bidirectional masked DLM.
-This model picks the scorer from the family (``families.resolve``):
+This model scores through the family's ``Scoring`` role (``families.resolve``): its likelihood estimator,
+its alignment of logits with tokens (Dream's logits lag one position, as its ``generation_utils.py`` shifts
+them) and its generator:
 
-* masked DLMs: ``log p(continuation | context)`` is the masked-diffusion bound restricted to the continuation,
-  ``E_t E_mask [1/t * sum_{i masked} log p(y_i | context, y_t)]``, ``t ~ U(0, 1)``, each continuation token
-  masked with probability ``t`` and the context never. ``mc_samples`` noise levels per request form a randomly
-  shifted lattice (``evaluation.noise_levels``) and the noise is drawn from ``seed`` and the
-  continuation's tokens only, so every model evaluated with the same seed sees the same masks (pairwise
+* masked DLMs (``likelihood: elbo``): ``log p(continuation | context)`` is the masked-diffusion bound restricted
+  to the continuation, ``E_t E_mask [1/t * sum_{i masked} log p(y_i | context, y_t)]``, ``t ~ U(0, 1)``, each
+  continuation token masked with probability ``t`` and the context never. ``mc_samples`` noise levels per
+  request form a randomly shifted lattice (``evaluation.noise_levels``) and the noise is drawn from ``seed`` and
+  the continuation's tokens only, so every model evaluated with the same seed sees the same masks (pairwise
   comparable), and so does one continuation after each of several contexts (multiple-input tasks). ``is_greedy``:
   every continuation token is the argmax when the whole continuation is masked (one parallel step). Rolling
   (perplexity) requests are ``evaluation.elbo_perplexity``; generation is ``sampling.masked_diffusion_sample``.
-* the AR twin: exact next-token log-likelihood, ``evaluation.ar_perplexity``, ``model.generate``.
-* DiffusionGemma: generation only (its own ``generate()``); it has no likelihood estimator here.
+* causal LMs such as the AR twin: exact next-token log-likelihood, ``evaluation.ar_perplexity``,
+  ``model.generate``.
+* a family without an estimator (DiffusionGemma): generation only (its own ``generate()``); likelihood requests
+  are refused with the family's one-line reason.
 
 Importing this module registers the model (it imports lm-eval, an optional extra: ``pip install -e ".[eval]"``).
 ``python -m sink_modifier.harness ARGS`` registers it and hands ARGS to lm-eval's own command line.
@@ -41,8 +45,6 @@ from sink_modifier.evaluation import (
     noise_levels,
     token_scores,
 )
-from sink_modifier.families.autoregressive import AutoregressiveControl
-from sink_modifier.families.masked import MaskedDiffusion, is_dream
 from sink_modifier.tasks import TASKS_DIR
 
 __all__ = ["DiffusionLM", "UnsupportedModel", "evaluate_tasks", "main", "task_manager"]
@@ -60,7 +62,7 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 
 
 class DiffusionLM(TemplateLM):
-    """A masked DLM, its AR twin or DiffusionGemma as an lm-eval model (see the module docstring).
+    """A masked DLM (LLaDA, Dream), its AR twin or DiffusionGemma as an lm-eval model (see the module docstring).
 
     ``pretrained``: a path or Hub id, or an already loaded model (then pass ``tokenizer``). ``mc_samples``: noise
     levels per loglikelihood request (and ELBO samples per rolling request). ``gen_steps`` (default: one token per
@@ -105,7 +107,8 @@ class DiffusionLM(TemplateLM):
         config = self.model.config
         self._max_length = int(max_length or getattr(config, "max_position_embeddings", None) or 2048)
         self.bos_id = model_bos_id(self.model, tokenizer)
-        self.family, self.mask_token_id = self._family(mask_token_id)
+        self.family, self.scoring = self._family(mask_token_id)
+        self.mask_token_id = self.scoring.mask_token_id
         logger.info(f"diffusion_lm: {type(self.model).__name__} scored as {self.family}")
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -120,20 +123,12 @@ class DiffusionLM(TemplateLM):
             raise UnsupportedModel(f"batch_size must be at least 1, got {value}")
         return size
 
-    def _family(self, mask_token_id: int | None) -> tuple[str, int | None]:
-        name = type(self.model).__name__
-        if is_dream(self.model):
-            raise UnsupportedModel(f"diffusion_lm cannot score {name}: Dream predicts each token from the "
-                                   "previous position, which this scorer does not do")
+    def _family(self, mask_token_id: int | None) -> tuple[str, families.Scoring]:
         try:
             family = families.resolve(self.model, "auto", families.FamilyOptions(mask_token_id=mask_token_id))
         except families.FamilyError as error:
-            raise UnsupportedModel(f"diffusion_lm cannot score {name}: {error}") from error
-        if isinstance(family.noise, MaskedDiffusion):
-            return "masked", family.noise.mask_token_id
-        if isinstance(family.noise, AutoregressiveControl):
-            return "autoregressive", None
-        return family.name, None  # scored by its own sampler's likelihood (DiffusionGemma)
+            raise UnsupportedModel(f"diffusion_lm cannot score {type(self.model).__name__}: {error}") from error
+        return family.name, family.scoring
 
     # ---- tokens --------------------------------------------------------------------------------------
 
@@ -186,11 +181,10 @@ class DiffusionLM(TemplateLM):
     # ---- loglikelihood -------------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        if self.family == "diffusion_gemma":
-            raise UnsupportedModel("diffusion_lm cannot score likelihoods of DiffusionGemma (uniform-token block "
-                                   "diffusion has no estimator here); use generation tasks such as gsm8k")
+        if self.scoring.likelihood is None:
+            raise UnsupportedModel(f"diffusion_lm cannot score likelihoods: {self.scoring.refusal}")
         pairs = [(self._fit(list(ctx), list(cont), len(cont)), list(cont)) for _, ctx, cont in requests]
-        score = self._masked_scores if self.family == "masked" else self._ar_scores
+        score = self._masked_scores if self.scoring.likelihood == "elbo" else self._ar_scores
         results = score(pairs, disable_tqdm)
         for (key, _, _), answer in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -225,7 +219,7 @@ class DiffusionLM(TemplateLM):
                     full = torch.cat([torch.zeros(len(ctx), dtype=torch.bool), masked])
                     clean.append(tokens)
                     noisy.append(torch.where(full, torch.full_like(tokens, self.mask_token_id), tokens))
-                nll, hits = token_scores(self.model, noisy, clean)
+                nll, hits = token_scores(self.model, noisy, clean, self.scoring.token_logits)
                 for row, i in enumerate(batch):
                     r, weight, masked = items[i]
                     start = len(pairs[r][0])
@@ -243,7 +237,8 @@ class DiffusionLM(TemplateLM):
         with EvalMode(self.model), self._progress(len(pairs), "diffusion_lm loglikelihood", disable_tqdm) as bar:
             for batch in _batches(order, self.batch_size):
                 sequences = [torch.tensor(pairs[r][0] + pairs[r][1]) for r in batch]
-                nll, hits = token_scores(self.model, [x[:-1] for x in sequences], [x[1:] for x in sequences])
+                nll, hits = token_scores(self.model, [x[:-1] for x in sequences], [x[1:] for x in sequences],
+                                         self.scoring.token_logits)
                 for row, r in enumerate(batch):
                     stop = sequences[row].numel() - 1
                     span = slice(stop - len(pairs[r][1]), stop)
@@ -254,7 +249,7 @@ class DiffusionLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-text log-likelihood: the ELBO (masked DLMs) or the exact AR likelihood over max-length windows
         (``evaluation.prepare_sequences``; each window restarts from BOS)."""
-        if self.family == "diffusion_gemma":
+        if self.scoring.likelihood is None:
             self._loglikelihood_tokens([])  # the same refusal
         results = []
         for (text,) in tqdm([req.args for req in requests], desc="diffusion_lm rolling loglikelihood",
@@ -263,11 +258,12 @@ class DiffusionLM(TemplateLM):
                 results.append(0.0)
                 continue
             kwargs = {"tokenizer": self.tokenizer, "max_length": self.max_length, "batch_size": self.batch_size}
-            if self.family == "masked":
+            if self.scoring.likelihood == "elbo":
                 result = elbo_perplexity(self.model, [text], mask_token_id=self.mask_token_id,
-                                         num_mc_samples=self.mc_samples, seed=self.seed, **kwargs)
+                                         num_mc_samples=self.mc_samples, seed=self.seed,
+                                         logits=self.scoring.token_logits, **kwargs)
             else:
-                result = ar_perplexity(self.model, [text], **kwargs)
+                result = ar_perplexity(self.model, [text], logits=self.scoring.token_logits, **kwargs)
             results.append(-result.nll_per_token * result.num_tokens)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), results[-1])
         return results
@@ -290,9 +286,9 @@ class DiffusionLM(TemplateLM):
         groups: dict[tuple, list[int]] = {}
         for j, (prompt, length, temperature, _) in enumerate(jobs):
             groups.setdefault((len(prompt), length, temperature), []).append(j)
-        size = 1 if self.family == "diffusion_gemma" else self.batch_size
-        generate = {"masked": self._generate_masked, "autoregressive": self._generate_ar,
-                    "diffusion_gemma": self._generate_diffusion_gemma}[self.family]
+        size = 1 if self.scoring.generation == "own" else self.batch_size
+        generate = {"masked": self._generate_masked, "causal": self._generate_ar,
+                    "own": self._generate_own}[self.scoring.generation]
         with self._progress(len(jobs), "diffusion_lm generate_until", disable_tqdm) as bar:
             for (_, length, temperature), members in groups.items():
                 for batch in _batches(members, size):
@@ -306,13 +302,11 @@ class DiffusionLM(TemplateLM):
 
     def _canvas(self, length: int) -> int:
         """How many tokens the sampler writes for ``length`` (whole blocks or canvases)."""
-        if self.family == "masked":
+        if self.scoring.generation == "masked":
             block = min(self.gen_block_length, length)
             return math.ceil(length / block) * block
-        if self.family == "diffusion_gemma":
-            canvas = int(self.model.config.canvas_length)
-            return math.ceil(length / canvas) * canvas
-        return length
+        canvas = self.scoring.canvas_length(self.model)
+        return math.ceil(length / canvas) * canvas if canvas else length
 
     def _stop(self, answer: torch.Tensor, until: list[str]) -> str:
         ids = answer.tolist()
@@ -332,7 +326,8 @@ class DiffusionLM(TemplateLM):
         steps = max(blocks, (self.gen_steps or answer) // blocks * blocks)
         tokens = masked_diffusion_sample(self.model, prompts, answer_length=answer, steps=steps,
                                          num_blocks=blocks, mask_token_id=self.mask_token_id,
-                                         temperature=temperature, seed=self.seed).tokens
+                                         temperature=temperature, seed=self.seed,
+                                         logits=self.scoring.token_logits).tokens
         return list(tokens[:, prompts.shape[1]:])
 
     def _seeded(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -348,7 +343,7 @@ class DiffusionLM(TemplateLM):
             max_new_tokens=length, pad_token_id=self.eot_token_id, **sampling))
         return list(sequences[:, prompts.shape[1]:].cpu())
 
-    def _generate_diffusion_gemma(self, prompts: torch.Tensor, length: int, temperature: float) -> list:
+    def _generate_own(self, prompts: torch.Tensor, length: int, temperature: float) -> list:
         output = self._seeded(lambda: self.model.generate(prompts.to(self._device),
                                                           max_new_tokens=self._canvas(length)))
         sequences = output.sequences if hasattr(output, "sequences") else output

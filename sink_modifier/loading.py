@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 import torch
 from loguru import logger
 
-from sink_modifier import compat
+from sink_modifier import compat, remote_code
+from sink_modifier.errors import one_line
 from sink_modifier.sources import LoadError, resolve_source
 
 if TYPE_CHECKING:
@@ -53,13 +54,16 @@ def _in_cache(repo_id: str) -> bool:
 
 
 def _model_class(config, trust_remote_code: bool):
-    """The Auto class (or DiffusionGemma's) that loads this config, and the concrete class to repair."""
-    from transformers import AutoModel, AutoModelForCausalLM, DiffusionGemmaForBlockDiffusion
+    """The Auto class (or the one a family names) that loads this config, and the concrete class to repair."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-    if getattr(config, "model_type", None) == "diffusion_gemma":
-        return DiffusionGemmaForBlockDiffusion, DiffusionGemmaForBlockDiffusion
+    from sink_modifier.families import registry
+
+    own = registry.model_class(config)
+    if own is not None:
+        return own, own
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and auto_map:
         # Dream's checkpoint maps only AutoModel; LLaDA's maps both.
@@ -97,8 +101,22 @@ def load_model_and_tokenizer(
                  tokenizer=True, **kwargs)
 
 
+def _remote_failure(cls: type, name_or_path, config, error: Exception) -> LoadError:
+    """One line naming the model, the versions and the cause, for remote code that fails under this transformers
+    although ``compat.repair_remote_code`` ran (a transformers release that breaks it in a new way)."""
+    import transformers
+
+    written = getattr(config, "transformers_version", None)
+    cause = f"{type(error).__name__}: {one_line(error)}"
+    return LoadError(f"{cls.__name__} ({name_or_path}) ships modeling code"
+                     f"{f' written for transformers {written}' if written else ''} that fails under transformers "
+                     f"{transformers.__version__} even after sink_modifier's repairs: {cause}")
+
+
 def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, **kwargs):
     from transformers import AutoConfig, AutoTokenizer
+
+    from sink_modifier.families import registry
 
     source, hub = resolve_source(name_or_path)
     if hub and _hub_offline():
@@ -108,14 +126,22 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
         kwargs["local_files_only"] = True
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    remote = None  # the checkpoint's own class, once known: its failures are reported as such
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             local_files_only=kwargs.get("local_files_only", False))
         auto, cls = _model_class(config, trust_remote_code)
         compat.cpu_init_device(config)
-        with compat.calls_post_init(cls) if _is_remote(cls) else contextlib.nullcontext():
+        if _is_remote(cls):
+            remote = cls
+            remote_code.repair_remote_code(cls)
+            saved, _ = type(config).get_config_dict(source, local_files_only=kwargs.get("local_files_only", False))
+            remote_code.restore_generation_keys(config, saved)
+        with compat.calls_post_init(cls) if remote else contextlib.nullcontext():
             model = auto.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                          **kwargs)
+        if remote:
+            compat.restore_non_persistent_buffers(model, config)
         loaded_tokenizer = (AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                           local_files_only=kwargs.get("local_files_only", False))
                             if tokenizer else None)
@@ -123,15 +149,27 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
         if "trust_remote_code" in str(error):
             raise LoadError(f"{name_or_path} ships its own modeling code; pass trust_remote_code=True "
                             "(--trust-remote-code) if you trust it") from error
-        raise
+        if remote is None:
+            raise
+        raise _remote_failure(remote, name_or_path, config, error) from error
     except OSError as error:
         raise LoadError(f"could not load {name_or_path}: {str(error).splitlines()[0]}") from error
-    if _is_remote(type(model)):
-        compat.restore_non_persistent_buffers(model, config)
+    except Exception as error:
+        if remote is None:
+            raise
+        raise _remote_failure(remote, name_or_path, config, error) from error
     compat.make_saveable(model)
+    registry.prepare_loaded(model)
     model.eval()
     if check_forward:
-        check_finite_forward(model)
+        try:
+            check_finite_forward(model)
+        except LoadError:
+            raise
+        except Exception as error:
+            if remote is None:
+                raise
+            raise _remote_failure(remote, name_or_path, config, error) from error
     count = sum(p.numel() for p in model.parameters())
     size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
     logger.info(f"Loaded {type(model).__name__} from {source} ({size} parameters)")
@@ -139,14 +177,12 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
 
 
 def _probe_inputs(model: torch.nn.Module) -> dict:
-    from sink_modifier.families.diffusion_gemma_checkpoint import is_diffusion_gemma
+    from sink_modifier.families import registry
 
     vocab = int(getattr(model.config.get_text_config(), "vocab_size", 16) or 16)
     ids = (torch.arange(8) * 7 + 5) % vocab
     device = next(model.parameters()).device
-    if is_diffusion_gemma(model):
-        return {"input_ids": ids[None].to(device), "decoder_input_ids": ids.flip(0)[None].to(device)}
-    return {"input_ids": ids[None].to(device)}
+    return {name: value.to(device) for name, value in registry.probe_inputs(model, ids[None]).items()}
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from sink_modifier.errors import UserError
 from sink_modifier.families import Family, FamilyOptions
 from sink_modifier.report import SavePlan, save_plan
 from sink_modifier.scales import SampleScales, calibration_rows, same_draw_as_pipeline, warn_if_ranks_share_data
-from sink_modifier.scope import check_in_scope, never_pruned_ignore, planned_modules
+from sink_modifier.scope import check_in_scope, never_pruned_ignore, planned_modules, protect_output_head
 from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
 __all__ = ["SinkAwarePruningModifier"]
@@ -157,7 +157,7 @@ class SinkAwarePruningModifier(Modifier, TrajectorySettings):
         # Fail (or fix) now, not after hours of calibration: a model that cannot be driven or saved.
         make_saveable(model)
         self._family = families.resolve(model, *self.family_selection())
-        if self.family == "auto" and self._family.name == "autoregressive":
+        if self.family == "auto" and not self._family.noise.is_diffusion:
             logger.warning(
                 f"{type(model).__name__} attends causally: it is an autoregressive model, not a diffusion LM. "
                 "Sink-aware pruning is meant for diffusion LMs (an AR model's sink stays on its first token, "
@@ -175,6 +175,9 @@ class SinkAwarePruningModifier(Modifier, TrajectorySettings):
         self._module_names = planned_modules(target_layers, self.ignore)
         self._family.checkpoint.check_scope(list(self._module_names.values()))
         check_in_scope(model, self._module_names)
+        later = [m for m in getattr(active_session().lifecycle.recipe, "modifiers", None) or []
+                 if not isinstance(m, SinkAwarePruningModifier) and not getattr(m, "initialized", False)]
+        protect_output_head(model, self._family.checkpoint.output_head(model), later)
         if self.method == "sparsegpt" and self._family.calibration.needs_state_pipeline:
             self._check_hessians_fit(self._module_names)
         extra = {} if self.method == "wanda" else dict(

@@ -12,6 +12,7 @@ The states the model sees (``record_steps``) are the denoising trajectory a samp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,12 +57,14 @@ def masked_diffusion_sample(
     temperature: float = 0.0,
     seed: int = 0,
     record_steps: bool = False,
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleResult:
     """Generate ``answer_length`` tokens after ``prompt_ids`` with ``steps`` forwards in ``num_blocks`` blocks.
 
     ``answer_length`` and ``steps`` must both be divisible by ``num_blocks``. The mask token itself is never
     predicted (its logit is excluded), so the answer holds no masks; mask tokens in the prompt are left as they
-    are. Deterministic for a given ``seed``.
+    are. Deterministic for a given ``seed``. ``logits(model, x)`` gives the logits that predict each position of
+    ``x`` (default: the model's own; a family whose logits lag by a position passes its ``Scoring.token_logits``).
     """
     if answer_length < 1 or steps < 1 or num_blocks < 1:
         raise ValueError("answer_length, steps and num_blocks must be positive")
@@ -94,10 +97,11 @@ def masked_diffusion_sample(
                 if recorded is not None:
                     recorded.append(x.cpu().clone())
                 masked = x == mask_token_id
-                logits = model(input_ids=x, use_cache=False).logits.float()
-                logits[..., mask_token_id] = -torch.inf
-                prediction = _gumbel_argmax(logits, temperature, generator)
-                confidence = torch.softmax(logits, dim=-1).gather(-1, prediction[..., None])[..., 0]
+                scores = model(input_ids=x, use_cache=False).logits if logits is None else logits(model, x)
+                scores = scores.float()
+                scores[..., mask_token_id] = -torch.inf
+                prediction = _gumbel_argmax(scores, temperature, generator)
+                confidence = torch.softmax(scores, dim=-1).gather(-1, prediction[..., None])[..., 0]
                 eligible = torch.zeros_like(masked)
                 eligible[:, start:stop] = masked[:, start:stop]  # later blocks wait; prompt masks stay
                 confidence = torch.where(eligible, confidence, torch.full_like(confidence, -torch.inf))

@@ -43,3 +43,36 @@ def check_in_scope(model: torch.nn.Module, modules: dict[torch.nn.Module, str]) 
                 f"The recipe would prune {name}, the model's LM head or an embedding; narrow targets to "
                 "the decoder layers or add a matching pattern (e.g. 're:.*lm_head.*') to ignore"
             )
+
+
+def protect_output_head(model: torch.nn.Module, head: str | None, modifiers) -> list[str]:
+    """Add the LM head ``head`` (a module name, from the family) to the ``ignore`` of every modifier whose
+    ``targets`` match it and whose ``ignore`` misses it, with a warning; returns the modifiers' names changed.
+
+    Quantization recipes ignore ``re:.*lm_head``, which misses heads named otherwise (LLaDA's
+    ``model.transformer.ff_out``; a pattern ``re:.*ff_out`` would also match every block's MLP). Quantizing the
+    head costs far more quality than it saves memory, and no shipped recipe means to, so it is added rather
+    than refused; a recipe that does want the head quantized cannot ask for it through these commands.
+    """
+    from loguru import logger
+
+    module = dict(model.named_modules()).get(head) if head else None
+    if module is None:
+        return []
+    changed = []
+    for modifier in modifiers:
+        targets, ignore = getattr(modifier, "targets", None), getattr(modifier, "ignore", None)
+        if not targets or not isinstance(ignore, list):
+            continue
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if match_targets(head, module, targets) and not match_targets(head, module, ignore):
+            ignore.append(head)
+            # llm-compressor 0.14's quantization modifiers resolve their config (with its own copy of ignore)
+            # when they are built, and apply that config; both must name the head.
+            resolved = getattr(modifier, "resolved_config", None)
+            if isinstance(getattr(resolved, "ignore", None), list) and head not in resolved.ignore:
+                resolved.ignore.append(head)
+            changed.append(type(modifier).__name__)
+            logger.warning(f"{type(modifier).__name__}: ignore {modifier.ignore[:-1]} does not cover the LM head "
+                           f"{head}; adding it (no recipe here prunes or quantizes the LM head)")
+    return changed

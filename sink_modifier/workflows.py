@@ -220,11 +220,29 @@ def calibrate_and_save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
     import sink_modifier  # noqa: F401  (registers the modifier and the diffusion pipeline)
 
+    _protect_output_head(model, oneshot_args.get("recipe"))
     oneshot(model=model, processor=tokenizer, output_dir=None, **oneshot_args)
     fraction = pruned_fraction(model)
     model.save_pretrained(str(directory), save_compressed=True)
     tokenizer.save_pretrained(str(directory))
     return fraction
+
+
+def _protect_output_head(model: PreTrainedModel, recipe: Any) -> None:
+    """The family's LM head added to every non-sink modifier's ``ignore`` that misses it (``scope``)."""
+    from sink_modifier import SinkAwarePruningModifier, families
+    from sink_modifier.families import CheckpointHooks
+    from sink_modifier.scope import protect_output_head
+
+    modifiers = [m for m in getattr(recipe, "modifiers", None) or []
+                 if not isinstance(m, SinkAwarePruningModifier)]
+    if not modifiers:
+        return
+    try:
+        hooks = families.resolve(model).checkpoint
+    except families.FamilyError:  # e.g. a masked DLM without a mask token: the default head
+        hooks = CheckpointHooks()
+    protect_output_head(model, hooks.output_head(model), modifiers)
 
 
 def prune(
@@ -266,16 +284,16 @@ def run_command(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
     print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
           "the LM head are zero")
-    _print_checkpoint(args.output.expanduser(),  # as the user wrote it (``output`` is absolute)
-                      loader=type(model).__name__ if "DiffusionGemma" in type(model).__name__ else None)
+    _print_checkpoint(args.output.expanduser(), model)  # as the user wrote it (``output`` is absolute)
     return 0
 
 
-def _print_checkpoint(output: Path, loader: str | None = None) -> None:
+def _print_checkpoint(output: Path, model: torch.nn.Module) -> None:
+    """Where the checkpoint is and the call that loads it again (the model's family says which)."""
+    from sink_modifier.families import registry
+
     report = output / "sink_report.json"
-    how = f"{loader}.from_pretrained after `import sink_modifier`" if loader else (
-        "AutoModelForCausalLM.from_pretrained")
-    print(f"checkpoint:  {output}/  (recipe.yaml inside; load with {how})")
+    print(f"checkpoint:  {output}/  (recipe.yaml inside; load with {registry.reload_call(model, str(output))})")
     if report.exists():
         print(f"sink report: {report}")
     else:

@@ -340,19 +340,18 @@ def test_chunked_mass_float_mask_per_head_and_min_value() -> None:
     assert got.sum().item() == pytest.approx(4 * 7 - 1, abs=1e-4)
 
 
-def test_measuring_forward_stops_after_the_last_attention_layer(tmp_path) -> None:
-    """LLaDA's backbone computes logits; the trajectory's measuring forwards never reach its LM head, and the
-    masses are those of a full forward."""
+def test_measuring_forward_stops_after_the_last_attention_layer(published_llada) -> None:
+    """LLaDA's backbone (the published code) computes logits; the trajectory's measuring forwards never reach its
+    LM head, and the masses are those of a full forward."""
     from sink_modifier.families.masked import MaskedDiffusion
     from sink_modifier.loading import load_model
-    from tests.layouts import build_tiny_llada
 
-    model = load_model(build_tiny_llada(tmp_path / "llada"), trust_remote_code=True)
+    model = load_model(published_llada, trust_remote_code=True)
     blocks = model.model.transformer.blocks
     layers = {f"model.transformer.blocks.{i}": block for i, block in enumerate(blocks)}
     head_calls = []
     model.model.transformer.ff_out.register_forward_hook(lambda *_: head_calls.append(1))
-    adapter = MaskedDiffusion(126)
+    adapter = MaskedDiffusion(250)
     states = adapter.forward_noise_states(torch.arange(5, 25), levels=3, eps=1e-3, seed=0)
     with AttentionProbe(model, attention_modules=layers) as probe:
         early = adapter.measure(model, probe, states, batch_size=3, device=torch.device("cpu"))[None]

@@ -14,14 +14,16 @@ from sink_modifier.families.base import (
     Family,
     FamilyError,
     NoiseProcess,
+    Scoring,
     base_model,
     no_cache_kwargs,
     noise_schedule,
+    shift_logits,
 )
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, names, register, resolve, unregister
 
 __all__ = [
     "AttentionMeasurement", "CalibrationLayout", "CheckpointHooks", "DenoisingState", "Family", "FamilyError",
-    "FamilyOptions", "FamilySpec", "NoiseProcess", "base_model", "names", "no_cache_kwargs", "noise_schedule",
-    "register", "resolve", "unregister",
+    "FamilyOptions", "FamilySpec", "NoiseProcess", "Scoring", "base_model", "names", "no_cache_kwargs",
+    "noise_schedule", "register", "resolve", "shift_logits", "unregister",
 ]

@@ -32,6 +32,8 @@ def prefix_states(tokens: torch.Tensor, decoded: list[int]) -> list[DenoisingSta
 
 
 class AutoregressiveControl(NoiseProcess, AttentionMeasurement, CalibrationLayout, CheckpointHooks):
+    is_diffusion = False
+
     def forward_noise_states(self, tokens, *, levels, eps, seed):
         length = tokens.shape[0]
         return prefix_states(tokens, [max(1, math.ceil(k * length / levels)) for k in range(1, levels + 1)])

@@ -7,6 +7,8 @@
   rows a forward feeds through shared weights, and the layers that hold each prunable weight once.
 * ``CheckpointHooks`` (the modifier and the save path): preparing the model, what must never be pruned, and
   edits around ``save_pretrained``.
+* ``Scoring`` (``sink-prune eval``, the lm-eval model, the samplers): which likelihood estimator applies, how the
+  model's logits line up with the tokens they predict, and how it generates.
 * ``ExpertLayout`` (expert pruning, ``families.moe``): where the routed experts are and how to remove some.
 
 The defaults describe a plain transformers model driven by ``model(input_ids=...)`` with one token stream; a
@@ -71,6 +73,9 @@ def no_cache_kwargs(module: torch.nn.Module) -> dict:
 
 class NoiseProcess:
     """The states a family's model visits while it denoises one clean, unpadded sample ``tokens`` [T]."""
+
+    #: False for a model driven only as a control (the autoregressive family): recipes that meant a DLM are warned
+    is_diffusion: ClassVar[bool] = True
 
     def forward_noise_states(
         self, tokens: torch.Tensor, *, levels: int, eps: float, seed: int
@@ -177,6 +182,13 @@ class CheckpointHooks:
     def prepare(self, model: torch.nn.Module) -> None:
         """Bring the model into the form calibration needs (before targets are resolved; idempotent)."""
 
+    def output_head(self, model: torch.nn.Module) -> str | None:
+        """The module name of the LM head (no recipe may prune or quantize it): the module that
+        ``get_output_embeddings()`` returns (LLaDA's ``model.transformer.ff_out``, most models' ``lm_head``)."""
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        return next((name for name, module in model.named_modules() if module is head), None) if head else None
+
     def check_scope(self, names: list[str]) -> None:
         """Refuse modules of this family that must never be pruned."""
 
@@ -188,6 +200,47 @@ class CheckpointHooks:
         """Last edits to a saved (still staged) checkpoint directory."""
 
 
+def shift_logits(logits: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logits realigned so that position ``i`` holds the prediction of token ``i`` when the model emits it at
+    ``i - shift`` (Dream: 1, as its ``generation_utils.py`` does: the first ``shift`` positions repeat position 0,
+    which predicts nothing the scorers use)."""
+    if shift == 0:
+        return logits
+    return torch.cat([logits[:, :1].expand(-1, shift, -1), logits[:, :-shift]], dim=1)
+
+
+class Scoring:
+    """How the evaluators score and sample a family's model.
+
+    ``likelihood``: ``"elbo"`` (the masked-diffusion bound, with ``mask_token_id``), ``"causal"`` (exact
+    next-token likelihood) or None (no estimator: ``refusal`` says why, in one line). ``generation``:
+    ``"masked"`` (``sampling.masked_diffusion_sample``), ``"causal"`` (``model.generate``) or ``"own"`` (the
+    model's own ``generate()``, writing whole canvases of ``canvas_length``). ``logit_shift``: how many positions
+    the model's logits lag the token they predict (0: logits at ``i`` score token ``i`` for a masked DLM, token
+    ``i + 1`` for a causal LM, as usual).
+    """
+
+    likelihood: ClassVar[str | None] = "causal"
+    generation: ClassVar[str] = "causal"
+    logit_shift: ClassVar[int] = 0
+    mask_token_id: int | None = None
+
+    @property
+    def refusal(self) -> str:
+        return f"{type(self).__name__} has no likelihood estimator"
+
+    def token_logits(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] aligned by ``logit_shift`` (one forward, no KV cache)."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        logits = model(input_ids=input_ids, **kwargs, **no_cache_kwargs(model)).logits
+        return shift_logits(logits, self.logit_shift)
+
+    def canvas_length(self, model: torch.nn.Module) -> int | None:
+        """Tokens one ``"own"`` generation writes at a time (None: any length)."""
+        return None
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: a name and an implementation of each role (one object may play several)."""
@@ -197,10 +250,13 @@ class Family:
     attention: AttentionMeasurement
     calibration: CalibrationLayout
     checkpoint: CheckpointHooks
+    scoring: Scoring = field(default_factory=Scoring)
     experts: ExpertLayout = field(default_factory=ExpertLayout)
 
     @classmethod
     def of(cls, name: str, implementation) -> Family:
-        """A family whose roles are all played by ``implementation`` (experts: when it is an ``ExpertLayout``)."""
+        """A family whose roles are all played by ``implementation`` (scoring: the default causal scoring unless
+        it implements ``Scoring``; experts: REAP's conventions unless it implements ``ExpertLayout``)."""
+        scoring = implementation if isinstance(implementation, Scoring) else Scoring()
         experts = implementation if isinstance(implementation, ExpertLayout) else ExpertLayout()
-        return cls(name, implementation, implementation, implementation, implementation, experts)
+        return cls(name, implementation, implementation, implementation, implementation, scoring, experts)

@@ -33,11 +33,13 @@ from sink_modifier.families.base import (
     Family,
     FamilyError,
     NoiseProcess,
+    Scoring,
     noise_schedule,
 )
 from sink_modifier.families.diffusion_gemma_checkpoint import (
     DECODER,
     ENCODER,
+    MODEL_TYPE,
     SharedWeights,
     _text_layers,
     is_diffusion_gemma,
@@ -350,11 +352,40 @@ class _GenerationRecorder:
         return states
 
 
+class BlockDiffusionScoring(Scoring):
+    """DiffusionGemma generates with its own ``generate()`` (whole canvases); uniform-token block diffusion has
+    no likelihood estimator here."""
+
+    likelihood = None
+    generation = "own"
+
+    @property
+    def refusal(self) -> str:
+        return ("DiffusionGemma (uniform-token block diffusion) has no likelihood estimator here; evaluate it on "
+                "generation tasks (sink-prune eval --tasks, e.g. gsm8k)")
+
+    def canvas_length(self, model: torch.nn.Module) -> int | None:
+        return int(model.config.canvas_length)
+
+
 def _build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
     implementation = DiffusionGemma(model)
     return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights(),
-                  DiffusionGemmaExperts())
+                  BlockDiffusionScoring(), DiffusionGemmaExperts())
 
 
-register(FamilySpec("diffusion_gemma", _build, matches=is_diffusion_gemma, priority=100, claims=True,
-                    description="block diffusion with uniform-token noise; DiffusionGemma"))
+def _model_class(config) -> type | None:
+    if getattr(config, "model_type", None) != MODEL_TYPE:
+        return None
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    return DiffusionGemmaForBlockDiffusion
+
+
+register(FamilySpec(
+    "diffusion_gemma", _build, matches=is_diffusion_gemma, priority=100, claims=True,
+    description="block diffusion with uniform-token noise; DiffusionGemma", model_class=_model_class,
+    probe_inputs=lambda model, ids: {"input_ids": ids, "decoder_input_ids": ids.flip(-1)},
+    reload_call=lambda model: ("import sink_modifier; transformers.DiffusionGemmaForBlockDiffusion"
+                               ".from_pretrained({path!r})") if is_diffusion_gemma(model) else None,
+))

@@ -8,6 +8,7 @@ padding, by default; recipe field ``never_mask_token_ids``) stay clean. The mode
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from sink_modifier.families.base import (
     Family,
     FamilyError,
     NoiseProcess,
+    Scoring,
     no_cache_kwargs,
     noise_schedule,
 )
@@ -29,8 +31,10 @@ from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
 from sink_modifier.seeding import content_generator
 
 
-class MaskedDiffusion(NoiseProcess, AttentionMeasurement, CalibrationLayout, CheckpointHooks):
+class MaskedDiffusion(NoiseProcess, AttentionMeasurement, CalibrationLayout, CheckpointHooks, Scoring):
     measures_while_sampling = True
+    likelihood = "elbo"
+    generation = "masked"
 
     def __init__(self, mask_token_id: int, never_mask_token_ids: tuple[int, ...] = ()):
         self.mask_token_id = int(mask_token_id)
@@ -63,7 +67,7 @@ class MaskedDiffusion(NoiseProcess, AttentionMeasurement, CalibrationLayout, Che
         result = masked_diffusion_sample(
             model, prompt, answer_length=answer, steps=steps, num_blocks=blocks,
             mask_token_id=self.mask_token_id, temperature=temperature,
-            seed=content_generator(tokens, seed).initial_seed(), record_steps=True,
+            seed=content_generator(tokens, seed).initial_seed(), record_steps=True, logits=self.token_logits,
         )
         valid = torch.ones(length, dtype=torch.bool)
         masked_fraction = [float((state[-answer:] == self.mask_token_id).float().mean()) for state in result.steps]
@@ -74,13 +78,35 @@ class MaskedDiffusion(NoiseProcess, AttentionMeasurement, CalibrationLayout, Che
 
 
 class Dream(MaskedDiffusion):
-    """Dream-7B: a masked DLM that predicts each token from the previous position (its sampler shifts logits)."""
+    """Dream-7B: a masked DLM whose logits at position ``i`` predict token ``i + 1`` (initialised from Qwen2.5,
+    an AR model); its ``generation_utils.py`` shifts them by one position before sampling, and so do the sampler
+    and every scorer here (``Scoring.logit_shift``)."""
 
-    def sampler_states(self, model, tokens, **kwargs):
-        raise FamilyError(
-            "Dream predicts each token from the previous position (its sampler shifts logits), which this "
-            "sampler does not do; use trajectory: forward_noise for Dream"
-        )
+    logit_shift = 1
+
+
+def _padding_mask_as_sdpa_mask(module, args, kwargs):
+    """Dream's published layers hand ``attention_mask`` to ``scaled_dot_product_attention`` as given: its own
+    ``generate()`` builds a 4-D boolean mask, but llm-compressor and the scorers pass the usual 2-D 0/1 padding
+    mask (``Expected attn_mask dtype to be bool or float``). A 2-D mask becomes the 4-D boolean key mask
+    (all ones: no mask at all, which is the same attention)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        kwargs["attention_mask"] = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        return args, kwargs
+    return None
+
+
+_ADAPTED: weakref.WeakSet = weakref.WeakSet()  # Dream models whose layers already convert masks
+
+
+def _install_dream_input_adapters(model: torch.nn.Module) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not is_dream(model) or model in _ADAPTED or layers is None:
+        return
+    for layer in layers:
+        layer.register_forward_pre_hook(_padding_mask_as_sdpa_mask, with_kwargs=True)
+    _ADAPTED.add(model)
 
 
 def resolve_mask_token_id(model: torch.nn.Module, explicit: int | None) -> int | None:
@@ -182,5 +208,5 @@ register(FamilySpec(
 ))
 register(FamilySpec(
     "dream", _build(Dream, "dream"), matches=lambda m: is_dream(m) and attends_bidirectionally(m), priority=20,
-    description="Dream-7B-style masked DLMs with shifted logits",
+    description="Dream-7B-style masked DLMs with shifted logits", on_load=_install_dream_input_adapters,
 ))

@@ -36,6 +36,15 @@ class FamilySpec:
     claims: bool = False
     #: one line for users: which models this family is for
     description: str = ""
+    #: the class that loads a checkpoint of this family from its config (None: transformers' Auto classes)
+    model_class: Callable[[object], type | None] = field(default=lambda config: None)
+    #: the inputs of one check forward of a claimed model, from token ids [1, T] (None: ``input_ids`` only)
+    probe_inputs: Callable[[torch.nn.Module, torch.Tensor], dict] | None = None
+    #: called on every model the loader loads, before its check forward; acts on this family's models only
+    #: (e.g. installs hooks that let its published code take the inputs llm-compressor gives it)
+    on_load: Callable[[torch.nn.Module], None] | None = None
+    #: how the checkpoint a recipe writes is loaded again, as a Python call with ``{path}`` (None: the default)
+    reload_call: Callable[[torch.nn.Module], str | None] = field(default=lambda model: None)
 
 
 _SPECS: dict[str, FamilySpec] = {}
@@ -64,6 +73,44 @@ def _by_priority() -> list[FamilySpec]:
 def claiming_family(model: torch.nn.Module) -> FamilySpec | None:
     """The family that owns ``model`` outright, if any."""
     return next((spec for spec in _by_priority() if spec.claims and spec.matches(model)), None)
+
+
+def model_class(config) -> type | None:
+    """The class a family loads ``config``'s checkpoint with, if a family names one."""
+    return next((cls for spec in _by_priority() if (cls := spec.model_class(config)) is not None), None)
+
+
+def probe_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
+    """The inputs of a check forward of ``model`` (its claiming family's, else ``input_ids``)."""
+    owner = claiming_family(model)
+    if owner is not None and owner.probe_inputs is not None:
+        return owner.probe_inputs(model, input_ids)
+    return {"input_ids": input_ids}
+
+
+def prepare_loaded(model: torch.nn.Module) -> None:
+    """Every family's ``on_load`` for a freshly loaded model."""
+    for spec in _by_priority():
+        if spec.on_load is not None:
+            spec.on_load(model)
+
+
+def reload_call(model: torch.nn.Module, path: str) -> str:
+    """The Python call that loads ``model``'s saved checkpoint at ``path`` again.
+
+    A family may name its own; otherwise, remote code (which transformers 5 cannot run unrepaired: see
+    ``sink_modifier.compat``) is loaded through ``sink_modifier.load_model`` and a transformers model through the
+    Auto class that maps its config."""
+    for spec in _by_priority():
+        call = spec.reload_call(model)
+        if call is not None:
+            return call.format(path=path)
+    if not type(model).__module__.startswith("transformers."):
+        return f"sink_modifier.load_model({path!r}, trust_remote_code=True)"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    auto = "AutoModelForCausalLM" if type(model.config) in MODEL_FOR_CAUSAL_LM_MAPPING else "AutoModel"
+    return f"transformers.{auto}.from_pretrained({path!r})"
 
 
 def resolve(model: torch.nn.Module, family: str = "auto", options: FamilyOptions | None = None) -> Family:
