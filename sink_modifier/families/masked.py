@@ -210,3 +210,7 @@ register(FamilySpec(
     "dream", _build(Dream, "dream"), matches=lambda m: is_dream(m) and attends_bidirectionally(m), priority=20,
     description="Dream-7B-style masked DLMs with shifted logits", on_load=_install_dream_input_adapters,
 ))
+
+
+#: for families built on the masked one (LLaDA-MoE, LLaDA2): ``masked_builder(implementation_class, name)``
+masked_builder = _build

@@ -35,6 +35,8 @@ class RoutingLimits:
     top_k: int
     n_group: int | None = None  # group-limited routing (DeepSeek-V3 style, LLaDA2): groups of equal size
     topk_group: int | None = None
+    #: experts a group must keep: routers that score a group by its best two experts (LLaDA2) need 2
+    min_per_group: int = 1
 
     @property
     def group_size(self) -> int | None:
@@ -53,6 +55,10 @@ class RoutingLimits:
                     f"sparsity {sparsity} removes {drop} of {self.num_experts} experts, which leaves the "
                     f"{self.n_group} routing groups uneven; remove a multiple of {self.n_group} experts (e.g. "
                     f"sparsity {self.n_group * max(1, round(drop / self.n_group)) / self.num_experts:g})")
+            if left // self.n_group < self.min_per_group:
+                raise UserError(
+                    f"sparsity {sparsity} leaves {left // self.n_group} experts per routing group, but the router "
+                    f"scores each group by its best {self.min_per_group}; lower sparsity")
             reachable = self.topk_group * (left // self.n_group)
             if self.top_k > reachable:
                 raise UserError(
