@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from published import FIXTURES, _random, save_id_tokenizer, save_sharded
+
+from tests.published import FIXTURES, _random, save_id_tokenizer, save_sharded
 
 SKIP_REASON = (f"the published LLaDA-MoE / LLaDA2 code is not at {FIXTURES} (a clone outside the project's "
                "workplace); these tests run the real remote code only")

@@ -11,7 +11,8 @@ modules, the weights and their names untouched:
 * a pre-hook on each expert finds its routed rows in ``X`` by content (exact copies, so the order the block
   chose does not matter) and, under llm-compressor's all-experts flag, hands the expert all of ``X`` instead;
 * a forward hook on the expert returns the outputs of the rows the block asked for, so the block's result is
-  the published computation's.
+  the published computation's;
+* experts the block did not call (LLaDA2 skips those no token was routed to) are called on ``X`` after it.
 
 Expert pruning watches the same hooks (``PublishedExperts.watch``): the routing the block used, and each
 expert's tokens and outputs.
@@ -108,7 +109,16 @@ class ExpertsSeeEveryToken:
 
     def _block_ends(self, block, args, output):
         forward = self.current.get(block)
-        if forward is not None and not forward.watched:
+        if forward is None:
+            return
+        if _calibrating_all_experts() and forward.rows is not None:
+            # LLaDA2's block skips experts no token was routed to; they calibrate on every token all the same
+            rows, forward.rows = forward.rows, None  # the expert hooks stand aside for these calls
+            for index, expert in enumerate(self.blocks[block]):
+                if index not in forward.tokens:
+                    expert(rows)
+            forward.rows = rows
+        if not forward.watched:
             del self.current[block]
 
     def _gate_output(self, gate, args, output):
