@@ -152,3 +152,23 @@ def test_moe_block_record_names_the_decoder_layer(published_moe):
     blocks = families.resolve(model).experts.moe_blocks(model)
     assert all(isinstance(b, MoeBlock) and b.name.endswith(".mlp") for b in blocks)
     assert [b.layer_index for b in blocks] == ([0, 1] if name == "llada_moe" else [1])
+
+
+def test_llada2_pruned_on_its_own_sampler_states(tmp_path):
+    path = build("llada2_moe", tmp_path / "llada2")
+    model = load(path)
+    sampler = dict(trajectory="sampler", sampler_steps=4, sampler_blocks=2, prompt_fraction=0.5)
+    experts = SinkAwareExpertPruningModifier(sparsity=0.5, **sampler)
+    oneshot(model=model, dataset=dataset(), recipe=[experts, SinkAwarePruningModifier(sparsity=0.5, **sampler)],
+            pipeline="diffusion", trust_remote_code_model=True, output_dir=str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "sink_report.json").read_text())
+    assert report["trajectory"] == "sampler" and report["family"] == "llada2"
+    assert report["num_states"] == 3 * 4  # 2 blocks x 2 steps per sample
+    assert report["expert_pruning"]["num_experts_after"] == 8
+    reloaded = load(tmp_path / "out")
+    assert reloaded.config.num_experts == 8
+    assert (reloaded.model.layers[1].mlp.experts[0].down_proj.weight == 0).float().mean() == 0.5
+    # its own generate() builds a bfloat16 mask, so it runs in bfloat16 (as the published weights are)
+    bf16 = load_model(tmp_path / "out", trust_remote_code=True, dtype="bfloat16")
+    generated = bf16.generate(torch.arange(5, 13)[None], block_length=4, steps=2, gen_length=8, mask_id=250)
+    assert generated.shape[1] <= 8

@@ -124,3 +124,69 @@ def test_llada2_built_for_eager_attention_is_refused(tmp_path):
 
 def test_skip_reason_names_the_missing_folder():
     assert "published-dlm-code" in SKIP_REASON
+
+
+@pytest.fixture(scope="module")
+def llada2_path(tmp_path_factory):
+    return build("llada2_moe", tmp_path_factory.mktemp("llada2") / "llada2_moe")
+
+
+SAMPLER = dict(steps=4, blocks=2, prompt_fraction=0.5, temperature=0.0, seed=1)
+
+
+@torch.no_grad()
+def test_llada2_sampler_states_are_its_generate_steps_with_block_causal_attention(llada2_path):
+    model = load_model(llada2_path, trust_remote_code=True, dtype="float32")
+    family = families.resolve(model)
+    tokens = torch.arange(5, 29)
+    first = family.noise.sampler_states(model, tokens, **SAMPLER)
+    again = family.noise.sampler_states(model, tokens, **SAMPLER)
+    assert [s.length for s in first] == [18, 18, 24, 24]  # prompt 12, blocks of 6, 2 steps per block
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(first, again, strict=True))
+    assert [s.noise_level for s in first] == [1.0, 0.75, 0.5, 0.25]
+    assert all(torch.equal(s.input_ids[:12], tokens[:12]) for s in first)
+    # what the step computed: generate()'s own forward equals the calibration batch's (its block-causal mask)
+    logits = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: logits.append(out))
+    try:
+        family.noise.sampler_states(model, tokens, **SAMPLER)
+    finally:
+        handle.remove()
+    for state, batch, seen in zip(first, family.calibration.calibration_batches(first), logits, strict=True):
+        assert batch["attention_mask"].shape == (1, 1, state.length, state.length)
+        torch.testing.assert_close(model(**batch).logits, seen, rtol=0, atol=1e-6)
+    bidirectional = model(input_ids=first[0].input_ids[None, :18]).logits
+    assert not torch.allclose(bidirectional, logits[0], atol=1e-4), "the first blocks must not see the last"
+
+
+@torch.no_grad()
+def test_llada2_sampler_masses_are_the_attention_it_computes(llada2_path):
+    """The probe's key masses over generate()'s steps equal the column sums of the attention weights the
+    published attention returns (eager function, the same block-causal mask)."""
+    from sink_modifier import compat
+    from sink_modifier.probe import AttentionProbe
+
+    model = load_model(llada2_path, trust_remote_code=True, dtype="float32")
+    family = families.resolve(model)
+    tokens = torch.arange(5, 29)
+    with AttentionProbe(model) as probe:
+        states, masses = family.attention.measure_while_sampling(
+            model, probe, lambda: family.noise.sampler_states(model, tokens, **SAMPLER))
+    masses = masses[None]
+    assert masses.shape == (4, 2, 24)
+    compat.use_attention_implementation(model.config, "eager")
+    weights = []
+    handles = [layer.attention.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+               for layer in model.model.layers]
+    try:
+        for index, (state, batch) in enumerate(zip(states, family.calibration.calibration_batches(states),
+                                                   strict=True)):
+            weights.clear()
+            model.model(**batch)
+            expected = torch.stack([w[0].sum(dim=(0, 1)) for w in weights])  # [layers, keys]
+            torch.testing.assert_close(masses[index, :, : state.length], expected, rtol=1e-5, atol=1e-5)
+            assert masses[index, :, state.length:].abs().sum() == 0
+    finally:
+        for handle in handles:
+            handle.remove()
+        compat.use_attention_implementation(model.config, "sdpa")
