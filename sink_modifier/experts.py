@@ -151,7 +151,8 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
         self._calibration = calibration.current()
         if self._calibration is None:
             raise UserError("SinkAwareExpertPruningModifier scores experts on the recorded denoising states, "
-                            "which only the diffusion pipeline feeds: pass pipeline='diffusion' to oneshot")
+                            "which only the diffusion pipeline feeds: pass pipeline='diffusion' to oneshot "
+                            "(sink-prune run --pipeline diffusion)")
         for name, block in self._blocks.items():
             self._trackers[name] = SinkWeightedSaliency(self._limits.num_experts)
             self._family.experts.watch(block, partial(self._observed, name), self.register_hook)
