@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,11 @@ def test_refused_before_calibration(moe_path, kwargs, message):
     sparsity = kwargs.pop("recipe_sparsity", 0.25)
     with pytest.raises(UserError, match=message):
         prune(moe_path, None, [SinkAwareExpertPruningModifier(sparsity=sparsity)], **kwargs)
+
+
+def test_the_shipped_expert_recipe(moe_path, tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "sink_experts_25_wanda_50.yaml"
+    prune(moe_path, tmp_path / "out", str(recipe))
+    model = load(tmp_path / "out")
+    assert model.config.text_config.num_experts == 6
+    assert all((layer.experts.down_proj == 0).float().mean() == 0.5 for layer in model.model.decoder.layers)
