@@ -47,10 +47,11 @@ def measure_sinks(
                                   sampler_steps=sampler_steps, seed=0 if seed is None else seed)
     family = families.resolve(model)
     tensors = [torch.tensor(s, dtype=torch.long) for s in samples]
-    result = run_trajectory(model, family, tensors, settings, progress=progress)
+    # The decoder layers name the probe's records where no module is called "*Attention" (LLaDA), as in a run.
+    layers = dict(match_named_modules(model, infer_sequential_targets(model, None)))
+    result = run_trajectory(model, family, tensors, settings, layers=layers, progress=progress)
     report = {"model": name, **result.report(settings, family.name)}
     if diagnostic is not None and not family.calibration.needs_state_pipeline:
-        layers = dict(match_named_modules(model, infer_sequential_targets(model, None)))
         if len(layers) == len(result.layer_names):  # per-layer sinks weight their own layer's rows
             report["diagnostic"] = diagnose(model, result, layers, sparsity=diagnostic[0],
                                             mask_structure=diagnostic[1])

@@ -5,9 +5,12 @@
 * it resolves the source first, so a typo'd local path fails in milliseconds instead of being retried as a Hub
   id, and an offline machine fails at once with one line;
 * it picks the class the checkpoint declares (remote code only with ``trust_remote_code=True``; Dream maps
-  only ``AutoModel``; DiffusionGemma is not an ``AutoModelForCausalLM``);
-* it applies the repairs in ``sink_modifier.compat`` that the published LLaDA / MMaDA / Dream code needs under
-  transformers 5 (missing ``post_init``, non-persistent rotary buffers, list-style tied keys, CUDA init);
+  only ``AutoModel``) or the one a family names (``FamilySpec.model_class``: DiffusionGemma's);
+* it applies the repairs in ``sink_modifier.compat`` and ``sink_modifier.remote_code`` that the published
+  LLaDA / MMaDA / Dream code needs under transformers 5 (missing ``post_init``, 4.x method signatures, the
+  removed ``"default"`` RoPE, non-persistent rotary buffers, dropped config keys, list-style tied keys, CUDA
+  init), all scoped to the classes the checkpoint brings, then each family's ``on_load`` (Dream's mask
+  adapter); remote code that still fails is reported in one line (``LoadError``) naming model and cause;
 * it runs one forward on a short probe input and refuses a model whose logits are not finite, naming the
   cause (uninitialised weights, or the first module that overflows in its dtype).
 """
@@ -116,9 +119,9 @@ def _remote_failure(cls: type, name_or_path, config, error: Exception) -> LoadEr
 
     written = getattr(config, "transformers_version", None)
     cause = f"{type(error).__name__}: {one_line(error)}"
-    return LoadError(f"{cls.__name__} ({name_or_path}) ships modeling code"
-                     f"{f' written for transformers {written}' if written else ''} that fails under transformers "
-                     f"{transformers.__version__} even after sink_modifier's repairs: {cause}")
+    return LoadError(f"{cls.__name__} ({name_or_path}) fails in its own modeling code"
+                     f"{f' (written for transformers {written})' if written else ''} under transformers "
+                     f"{transformers.__version__}, after sink_modifier's repairs: {cause}")
 
 
 def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, **kwargs):
@@ -152,6 +155,8 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
         loaded_tokenizer = (AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                           local_files_only=kwargs.get("local_files_only", False))
                             if tokenizer else None)
+    except LoadError:
+        raise
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise LoadError(f"{name_or_path} ships its own modeling code; pass trust_remote_code=True "

@@ -32,6 +32,8 @@ def _default_rope_parameters(config=None, device=None, seq_len=None, **rope_kwar
 
 def remote_modules(cls: type) -> list:
     """The modules transformers loaded from the same checkpoint folder as ``cls`` (its package)."""
+    if cls.__module__.split(".")[0] in ("transformers", "torch"):
+        return []  # library code is never edited
     package = cls.__module__.rpartition(".")[0]
     if not package.startswith("transformers_modules"):
         return [sys.modules[cls.__module__]] if cls.__module__ in sys.modules else []

@@ -148,6 +148,9 @@ def build(model: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.floa
         code = ["configuration_dream.py", "modeling_dream.py", "generation_utils.py", "generation_config.json"]
         copied = [f.name for f in source.iterdir() if f.name != "config.json"] \
             if config["vocab_size"] == DREAM_VOCAB else code
+    if model == "dream" and config["vocab_size"] != DREAM_VOCAB:  # the word-level tokenizer's specials
+        config.update({k: v for k, v in (("bos_token_id", 2), ("eos_token_id", 1), ("pad_token_id", 0))
+                       if k not in overrides})
     if dtype != torch.float32:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if not (model == "dream" and config["vocab_size"] == DREAM_VOCAB):

@@ -84,6 +84,10 @@ class Dream(MaskedDiffusion):
 
     logit_shift = 1
 
+    def prepare(self, model):
+        """The mask adapter (below) for a Dream model loaded without ``sink_modifier.load_model``."""
+        _install_dream_input_adapters(model)
+
 
 def _padding_mask_as_sdpa_mask(module, args, kwargs):
     """Dream's published layers hand ``attention_mask`` to ``scaled_dot_product_attention`` as given: its own
