@@ -171,7 +171,7 @@ def table(rows: list[dict], args) -> str:
         def per_layer(key, index, one=one, two=two):
             return two[key][index] - one[key][index]
 
-        params = " / ".join(f"{per_layer(f'experts_{s}', 0) / 1e6:.0f} M" for s in (0.0, 0.25, 0.5))
+        params = " / ".join(f"{per_layer(f'experts_{s}', 0) / 1e6:.1f} M" for s in (0.0, 0.25, 0.5))
         forward = " / ".join(f"{two[f'experts_{s}'][1]:.2f}" for s in (0.0, 0.25, 0.5))
         lines.append(f"| {model} | {per_layer('trajectory', 0):.1f} | {per_layer('trajectory', 1) / 2**20:.0f} | "
                      f"{per_layer('calibration', 0):.1f} | {per_layer('calibration', 1) / 2**20:.0f} | {params} | "
