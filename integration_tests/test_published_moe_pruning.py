@@ -172,3 +172,26 @@ def test_llada2_pruned_on_its_own_sampler_states(tmp_path):
     bf16 = load_model(tmp_path / "out", trust_remote_code=True, dtype="bfloat16")
     generated = bf16.generate(torch.arange(5, 13)[None], block_length=4, steps=2, gen_length=8, mask_id=250)
     assert generated.shape[1] <= 8
+
+
+def test_scored_by_sink_prune_eval_and_the_lm_eval_model(published_moe, tmp_path):
+    from types import SimpleNamespace
+
+    from sink_modifier import load_model_and_tokenizer
+    from sink_modifier.harness import DiffusionLM
+
+    name, path = published_moe
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"t{i}" for i in range(5 + k, 45 + k)) for k in range(2)))
+    command = [sys.executable, "-m", "sink_prune", "eval", str(path), "--trust-remote-code", "--text-file",
+               str(text), "--num-samples", "2", "--max-seq-length", "32", "--num-mc-samples", "2", "-q"]
+    result = subprocess.run(command, capture_output=True, text=True, input="", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ELBO perplexity" in result.stdout
+    model, tokenizer = load_model_and_tokenizer(path, trust_remote_code=True, dtype="float32")
+    lm = DiffusionLM(model, tokenizer, mc_samples=2, batch_size=4, gen_block_length=4)
+    [(score, _)] = lm.loglikelihood([SimpleNamespace(args=("t5 t6 t7 t8", " t9 t10"))], disable_tqdm=True)
+    assert score < 0 and torch.isfinite(torch.tensor(score))
+    [generated] = lm.generate_until([SimpleNamespace(args=("t5 t6 t7", {"until": ["[EOS]"], "max_gen_toks": 4}))],
+                                    disable_tqdm=True)
+    assert isinstance(generated, str)
