@@ -190,3 +190,21 @@ def test_llada2_sampler_masses_are_the_attention_it_computes(llada2_path):
         for handle in handles:
             handle.remove()
         compat.use_attention_implementation(model.config, "sdpa")
+
+
+@torch.no_grad()
+def test_llada_moe_masses_are_the_attention_it_computes(tmp_path):
+    """The probe (which wraps the SDPA call LLaDA-MoE's attention makes) gives the column sums of the attention
+    weights the published eager attention returns for the same tokens."""
+    from sink_modifier.probe import AttentionProbe
+
+    path = build("llada_moe", tmp_path / "llada_moe")
+    model = load_model(path, trust_remote_code=True, dtype="float32")
+    family = families.resolve(model)
+    (state,) = family.noise.forward_noise_states(torch.arange(5, 29), levels=1, eps=0.0, seed=0)
+    with AttentionProbe(model) as probe:  # as the trajectory phase finds them: the "*Attention" modules
+        masses = family.attention.measure(model, probe, [state], 1, torch.device("cpu"))[None][0]
+    eager = load_model(path, trust_remote_code=True, dtype="float32", attn_implementation="eager")
+    weights = eager.model(input_ids=state.input_ids[None], output_attentions=True).attentions
+    expected = torch.stack([w[0].sum(dim=(0, 1)) for w in weights])
+    torch.testing.assert_close(masses, expected, rtol=1e-5, atol=1e-5)
