@@ -69,7 +69,7 @@ def hand_saliency(layer: TinyMoe, hidden, top_k_index, top_k_weights, token_weig
 @contextlib.contextmanager
 def calibrating(modifier: SinkAwareExpertPruningModifier, layer: TinyMoe, token_weights: torch.Tensor):
     """The modifier hooked on ``layer`` as on_calibration_start leaves it, fed one state's row scales."""
-    modifier._family = Family("tiny", None, None, None, None, ExpertLayout())
+    modifier._family = Family("tiny", None, None, None, None, experts=ExpertLayout())
     modifier._limits = RoutingLimits(EXPERTS, TOP_K)
     modifier._drop = modifier._limits.experts_to_drop(modifier.sparsity)
     modifier._blocks = {"": MoeBlock("", layer.experts, 0)}
