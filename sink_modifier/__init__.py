@@ -1,13 +1,14 @@
 """Sink-aware pruning for diffusion language models, as an llm-compressor plugin.
 
-``import sink_modifier`` registers ``SinkAwarePruningModifier`` and ``SinkAwareStructuredPruningModifier`` with
-llm-compressor's ``ModifierFactory`` (under their class names, so recipes and the ``recipe.yaml`` saved next to a
-checkpoint both parse) and the
-``diffusion`` calibration pipeline, and teaches transformers to reload per-expert DiffusionGemma checkpoints.
+``import sink_modifier`` registers ``SinkAwarePruningModifier``, ``SinkAwareStructuredPruningModifier`` and
+``SinkAwareExpertPruningModifier`` with llm-compressor's ``ModifierFactory`` (under their class names, so recipes
+and the ``recipe.yaml`` saved next to a checkpoint both parse) and the ``diffusion`` calibration pipeline, and
+teaches transformers to reload per-expert DiffusionGemma checkpoints.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from sink_modifier.experts import SinkAwareExpertPruningModifier
 from sink_modifier.families.diffusion_gemma_checkpoint import prepare_model, register_checkpoint_conversion
 from sink_modifier.loading import load_model, load_model_and_tokenizer
 from sink_modifier.modifier import SinkAwarePruningModifier
@@ -15,13 +16,13 @@ from sink_modifier.pipeline import DiffusionPipeline
 from sink_modifier.structured import SinkAwareStructuredPruningModifier
 
 __all__ = [
-    "SinkAwarePruningModifier", "SinkAwareStructuredPruningModifier", "DiffusionPipeline",
-    "load_model", "load_model_and_tokenizer", "prepare_model",
-    "__version__",
+    "SinkAwarePruningModifier", "SinkAwareStructuredPruningModifier", "SinkAwareExpertPruningModifier",
+    "DiffusionPipeline", "load_model", "load_model_and_tokenizer", "prepare_model", "__version__",
 ]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)
 ModifierFactory.register(SinkAwareStructuredPruningModifier.__name__, SinkAwareStructuredPruningModifier)
+ModifierFactory.register(SinkAwareExpertPruningModifier.__name__, SinkAwareExpertPruningModifier)
 # Saved DiffusionGemma checkpoints keep per-expert keys; this lets from_pretrained fuse them back.
 register_checkpoint_conversion()

@@ -175,6 +175,28 @@ def restore_non_persistent_buffers(model: torch.nn.Module, config) -> list[str]:
     return repaired
 
 
+#: Helpers transformers 5 removed from ``transformers.utils.import_utils`` that published 4.x remote code imports
+#: at module level (LLaDA2.0's ``modeling_llada2_moe.py``: ``ImportError: cannot import name
+#: 'is_torch_fx_available'``), with what 4.x returned for every torch llm-compressor 0.14 supports (True).
+_REMOVED_IMPORT_HELPERS = {"is_torch_fx_available": lambda: True}
+
+
+@contextlib.contextmanager
+def removed_import_helpers() -> Iterator[None]:
+    """While a checkpoint's remote code is imported, ``transformers.utils.import_utils`` offers the helpers
+    transformers 5 removed; the imported module keeps its own reference, and the names go again on exit."""
+    from transformers.utils import import_utils
+
+    added = [name for name in _REMOVED_IMPORT_HELPERS if not hasattr(import_utils, name)]
+    for name in added:
+        setattr(import_utils, name, _REMOVED_IMPORT_HELPERS[name])
+    try:
+        yield
+    finally:
+        for name in added:
+            delattr(import_utils, name)
+
+
 # ---- transformers: attention implementations (5.15-5.17) ---------------------------------------------
 
 

@@ -80,6 +80,14 @@ def _model_class(config, trust_remote_code: bool):
                     "transformers can load")
 
 
+def _config_and_class(source, trust_remote_code: bool, kwargs: dict):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                        local_files_only=kwargs.get("local_files_only", False))
+    return (config, *_model_class(config, trust_remote_code))
+
+
 def _is_remote(cls: type) -> bool:
     """Code that transformers does not ship (remote code, or a class registered in-process)."""
     return not cls.__module__.startswith("transformers.")
@@ -117,7 +125,7 @@ def _remote_failure(cls: type, name_or_path, config, error: Exception) -> LoadEr
 
 
 def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, **kwargs):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from sink_modifier.families import registry
 
@@ -131,16 +139,15 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
         dtype = getattr(torch, dtype)
     remote = None  # the checkpoint's own class, once known: its failures are reported as such
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                            local_files_only=kwargs.get("local_files_only", False))
-        auto, cls = _model_class(config, trust_remote_code)
+        with compat.removed_import_helpers():  # remote code imports them while its classes are resolved
+            config, auto, cls = _config_and_class(source, trust_remote_code, kwargs)
         compat.cpu_init_device(config)
         if _is_remote(cls):
             remote = cls
             remote_code.repair_remote_code(cls)
             saved, _ = type(config).get_config_dict(source, local_files_only=kwargs.get("local_files_only", False))
             remote_code.restore_generation_keys(config, saved)
-        with compat.calls_post_init(cls) if remote else contextlib.nullcontext():
+        with compat.calls_post_init(cls) if remote else contextlib.nullcontext(), compat.removed_import_helpers():
             model = auto.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                          **kwargs)
         if remote:

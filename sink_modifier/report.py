@@ -47,6 +47,11 @@ class SavePlan:
     #: config.json fields to set after saving: llm-compressor re-saves the *original* config over transformers'
     #: (patching only the fields it changes itself), so a structured run's new widths are written here
     config_fields: dict = field(default_factory=dict)
+    #: more top-level sections of the report, each owned by one modifier (``expert_pruning``)
+    sections: dict[str, dict] = field(default_factory=dict)
+
+    def full_report(self) -> dict | None:
+        return {**self.report, **self.sections} if self.report is not None else (self.sections or None)
 
 
 _PLANS: weakref.WeakKeyDictionary[torch.nn.Module, SavePlan] = weakref.WeakKeyDictionary()
@@ -77,8 +82,8 @@ def _wrap_save_pretrained(model: torch.nn.Module, plan: SavePlan) -> None:
                 hooks.finish_checkpoint(model, staging)
             if plan.config_fields:
                 _set_config_fields(Path(staging) / "config.json", plan.config_fields)
-            if plan.report is not None:
-                write_report(plan.report, staging)
+            if plan.full_report() is not None:
+                write_report(plan.full_report(), staging)
         return result
 
     compat.replace_save_pretrained(model, save_pretrained)

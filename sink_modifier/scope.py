@@ -16,11 +16,14 @@ from sink_modifier.errors import UserError
 #: Name fragments of modules no recipe should prune: the LM head and embeddings (out of scope for Wanda and
 #: SparseGPT), MoE routers (they pick experts) and vision towers (never run on text calibration data).
 NEVER_PRUNED = ("lm_head", "embed", "router", "vision")
+#: MoE routers named ``gate`` (LLaDA-MoE's ``mlp.gate`` Linear, Mixtral's and Qwen-MoE's): the whole name ends
+#: there, so ``gate_proj`` is not matched
+ROUTER_GATE = r"re:.*\.gate$"
 
 
 def never_pruned_ignore(*fragments: str) -> list[str]:
-    """``ignore`` patterns for ``fragments`` (default: all of ``NEVER_PRUNED``)."""
-    return [f"re:.*{fragment}.*" for fragment in fragments or NEVER_PRUNED]
+    """``ignore`` patterns for ``fragments`` (default: all of ``NEVER_PRUNED`` and routers named ``gate``)."""
+    return [f"re:.*{fragment}.*" for fragment in fragments or NEVER_PRUNED] + ([] if fragments else [ROUTER_GATE])
 
 
 def planned_modules(target_layers: dict[str, torch.nn.Module], ignore: list[str]) -> dict[torch.nn.Module, str]:

@@ -5,7 +5,13 @@ family drives it). Adding a family with its own noise, sampler or calibration la
 implements the roles in ``families.base`` and calls ``register(FamilySpec(...))``; docs/architecture.md says how.
 """
 
-from sink_modifier.families import autoregressive, diffusion_gemma, masked  # noqa: F401 (they register)
+from sink_modifier.families import (  # noqa: F401 (they register)
+    autoregressive,
+    diffusion_gemma,
+    llada2,
+    llada_moe,
+    masked,
+)
 from sink_modifier.families.base import (
     AttentionMeasurement,
     CalibrationLayout,

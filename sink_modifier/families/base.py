@@ -11,6 +11,7 @@
   KV-head group, and the config keys that carry their counts (built per architecture, ``families.structure``).
 * ``Scoring`` (``sink-prune eval``, the lm-eval model, the samplers): which likelihood estimator applies, how the
   model's logits line up with the tokens they predict, and how it generates.
+* ``ExpertLayout`` (expert pruning, ``families.moe``): where the routed experts are and how to remove some.
 
 The defaults describe a plain transformers model driven by ``model(input_ids=...)`` with one token stream; a
 family overrides only what differs. A ``Family`` bundles one implementation of each role under a name; the
@@ -28,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from sink_modifier.errors import UserError
+from sink_modifier.families.moe import ExpertLayout
 from sink_modifier.hooks import removing
 
 
@@ -285,11 +287,14 @@ class Family:
     checkpoint: CheckpointHooks
     scoring: Scoring = field(default_factory=Scoring)
     structure: LayerWidths = field(default_factory=LayerWidths)
+    experts: ExpertLayout = field(default_factory=ExpertLayout)
 
     @classmethod
     def of(cls, name: str, implementation, structure: LayerWidths | None = None) -> Family:
         """A family whose roles are all played by ``implementation`` (scoring: the default causal scoring unless
-        it implements ``Scoring``; ``structure`` is per architecture)."""
+        it implements ``Scoring``; ``structure`` is per architecture; experts: REAP's conventions unless it
+        implements ``ExpertLayout``)."""
         scoring = implementation if isinstance(implementation, Scoring) else Scoring()
+        experts = implementation if isinstance(implementation, ExpertLayout) else ExpertLayout()
         return cls(name, implementation, implementation, implementation, implementation, scoring=scoring,
-                   structure=structure or LayerWidths())
+                   structure=structure or LayerWidths(), experts=experts)

@@ -44,6 +44,7 @@ from sink_modifier.families.diffusion_gemma_checkpoint import (
     _text_layers,
     is_diffusion_gemma,
 )
+from sink_modifier.families.diffusion_gemma_experts import DiffusionGemmaExperts
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
 from sink_modifier.families.structure import Unsupported
 from sink_modifier.hooks import removing
@@ -371,7 +372,7 @@ class BlockDiffusionScoring(Scoring):
 def _build(model: torch.nn.Module, options: FamilyOptions, chosen_by_match: bool) -> Family:
     implementation = DiffusionGemma(model)
     return Family("diffusion_gemma", implementation, implementation, implementation, SharedWeights(),
-                  scoring=BlockDiffusionScoring(), structure=Unsupported(
+                  scoring=BlockDiffusionScoring(), experts=DiffusionGemmaExperts(), structure=Unsupported(
         "DiffusionGemma: structured pruning does not yet remove channels of its experts and tied encoder/decoder "
         "MLPs; use SinkAwarePruningModifier (unstructured or 2:4) with quantization for this model"))
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -140,6 +142,10 @@ class SharedWeights(CheckpointHooks):
         * The encoder's shared modules are detached while saving: compressed-tensors refuses a module reachable
           under two names ("Attempted to offload a module twice"), and the published checkpoints store the
           decoder's copy only; ``from_pretrained`` ties the encoder's weights to it.
+        * Experts that carry no quantization parameters are written fused (``experts.gate_up_proj`` /
+          ``experts.down_proj``, the published layout), so the checkpoint loads with plain transformers;
+          quantized experts keep llm-compressor's per-expert keys (the compressed-tensors / vLLM MoE layout),
+          which :func:`register_checkpoint_conversion` fuses back on load.
         * transformers ties only the parameters a model has when it is built, not the ``weight_scale`` (and
           other quantization parameters) its compressed-tensors loader adds, so the encoder's copies of those
           small tensors are written too; without them the encoder's quantized Linears reload with random
@@ -167,11 +173,13 @@ class SharedWeights(CheckpointHooks):
                 twin = f"{prefix}{encoder_prefix}.{name[len(decoder_prefix) + 1:]}"
                 state_dict[twin] = state_dict[key].clone()  # own storage: not dropped as a tied duplicate
 
-        handle = model.register_state_dict_post_hook(add_encoder_qparams)
+        handles = [model.register_state_dict_post_hook(add_encoder_qparams),
+                   model.register_state_dict_post_hook(partial(fuse_unquantized_experts, decoder_prefix))]
         try:
             yield
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             for parent, leaf, module in detached:
                 setattr(parent, leaf, module)
 
@@ -206,6 +214,40 @@ class SharedWeights(CheckpointHooks):
                 "vision tower, embeddings and LM head are never pruned; add 're:.*router.*' (and the others) "
                 "to ignore"
             )
+
+
+_PER_EXPERT_KEY = re.compile(r"^(?P<experts>.*\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+                             r"\.(?P<leaf>.+)$")
+
+
+def fuse_unquantized_experts(decoder_prefix: str, module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook: per-expert 2-D weights of an unquantized experts module -> the fused 3-D parameters.
+
+    The fused layout is ``DiffusionGemmaTextExperts``' own (``gate_up_proj[e] = [gate; up]``, as llm-compressor's
+    ``ExpertMLPWithGate.copy_to_experts_module`` packs it). An experts module with any other per-expert key
+    (``weight_scale``, packed or compressed weights) is left in the per-expert layout.
+    """
+    groups: dict[str, dict[int, dict[str, str]]] = {}
+    foreign: set[str] = set()
+    for key in state_dict:
+        match = _PER_EXPERT_KEY.match(key)
+        if match is None or not match["experts"].startswith(f"{prefix}{decoder_prefix}."):
+            continue
+        if match["leaf"] != "weight":
+            foreign.add(match["experts"])
+        groups.setdefault(match["experts"], {}).setdefault(int(match["index"]), {})[match["proj"]] = key
+    for experts, by_index in groups.items():
+        if experts in foreign or sorted(by_index) != list(range(len(by_index))):
+            continue
+        ordered = [by_index[index] for index in range(len(by_index))]
+        if any(set(keys) != {"gate_proj", "up_proj", "down_proj"} for keys in ordered):
+            continue
+        state_dict[f"{experts}.gate_up_proj"] = torch.stack(
+            [torch.cat([state_dict[keys["gate_proj"]], state_dict[keys["up_proj"]]]) for keys in ordered])
+        state_dict[f"{experts}.down_proj"] = torch.stack([state_dict[keys["down_proj"]] for keys in ordered])
+        for keys in ordered:
+            for key in keys.values():
+                del state_dict[key]
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -132,7 +132,8 @@ def resolve_mask_token_id(model: torch.nn.Module, explicit: int | None) -> int |
         try:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            # never remote code here: without trust_remote_code=False transformers asks on the terminal
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, trust_remote_code=False)
         except Exception as error:  # a missing tokenizer is reported below as a missing mask token
             logger.debug(f"No tokenizer at {name_or_path}: {error}")
             return None
@@ -216,3 +217,7 @@ register(FamilySpec(
     matches=lambda m: is_dream(m) and attends_bidirectionally(m), priority=20,
     description="Dream-7B-style masked DLMs with shifted logits", on_load=_install_dream_input_adapters,
 ))
+
+
+#: for families built on the masked one (LLaDA-MoE, LLaDA2): ``masked_builder(implementation_class, name)``
+masked_builder = _build
