@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sink_modifier.toy import build_tiny_diffusion_gemma, build_toy_model
+from tests.toy import build_tiny_diffusion_gemma, build_toy_model
 
 CALIBRATION_TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

@@ -1,4 +1,5 @@
-"""The ``sink-prune`` script: ``sink_modifier/cli.py`` run without importing the ``sink_modifier`` package first.
+"""The ``sink-prune`` script: ``sink_modifier/cli/main.py`` run without importing the ``sink_modifier`` package
+first.
 
 ``import sink_modifier`` imports llm-compressor to register the modifier (seconds, and a "No accelerator" line on
 stdout). ``--help`` and ``--version`` need only argparse, so the CLI module is loaded by itself (it loads the
@@ -16,14 +17,14 @@ __all__ = ["main"]
 
 
 def main() -> int:
-    if "sink_modifier.cli" not in sys.modules:
+    if "sink_modifier.cli.main" not in sys.modules:
         package = importlib.util.find_spec("sink_modifier")  # finds the package without importing it
-        path = Path(package.submodule_search_locations[0]) / "cli.py"
-        spec = importlib.util.spec_from_file_location("sink_modifier.cli", path)
+        path = Path(package.submodule_search_locations[0]) / "cli" / "main.py"
+        spec = importlib.util.spec_from_file_location("sink_modifier.cli.main", path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules["sink_modifier.cli"] = module  # the package's own imports of the CLI get this module
+        sys.modules["sink_modifier.cli.main"] = module  # the package's own imports of the CLI get this module
         spec.loader.exec_module(module)
-    return sys.modules["sink_modifier.cli"].main()
+    return sys.modules["sink_modifier.cli.main"].main()
 
 
 if __name__ == "__main__":

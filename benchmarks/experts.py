@@ -85,7 +85,7 @@ def worker(spec: dict) -> dict:
     from llmcompressor import oneshot
 
     from sink_modifier import SinkAwareExpertPruningModifier, SinkAwarePruningModifier, families, load_model
-    from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+    from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
     from tests.published_moe import build
 
     torch.set_num_threads(spec["threads"])

@@ -45,8 +45,8 @@ from sink_modifier import SinkAwarePruningModifier
 from sink_modifier.families.diffusion_gemma import DiffusionGemma, feeding_self_conditioning
 from sink_modifier.families.diffusion_gemma_checkpoint import SharedWeights
 from sink_modifier.families.masked import MaskedDiffusion
-from sink_modifier.scope import never_pruned_ignore
-from sink_modifier.toy import MASK_ID, build_tiny_diffusion_gemma, build_toy_model
+from sink_modifier.modifiers.scope import never_pruned_ignore
+from tests.toy import MASK_ID, build_tiny_diffusion_gemma, build_toy_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sinks import write_docs  # noqa: E402  (one writer of the docs blocks for every benchmark)

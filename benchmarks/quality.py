@@ -1,9 +1,9 @@
 """Quality after pruning on the bundled DLM and its AR twin: ``sink-prune compare`` on each, tables into the docs.
 
-A thin caller of ``sink_modifier.compare`` (the ``sink-prune compare`` command): for every model in ``--models``
-it runs ``sink-prune compare <bundled model> -o benchmarks/.cache/compare-<kind> --overwrite [options]`` in this
-process, then writes both tables (and the PNGs, as docs/images/compare_<kind>.png) between the quality markers of
-docs/benchmarks.md. Options after ``--`` go to ``sink-prune compare`` unchanged.
+A thin caller of ``sink_modifier.cli.compare`` (the ``sink-prune compare`` command): for every model in
+``--models`` it runs ``sink-prune compare <bundled model> -o benchmarks/.cache/compare-<kind> --overwrite
+[options]`` in this process, then writes both tables (and the PNGs, as docs/images/compare_<kind>.png) between the
+quality markers of docs/benchmarks.md. Options after ``--`` go to ``sink-prune compare`` unchanged.
 
     python benchmarks/quality.py --smoke                 # sink-prune compare --quick on the DLM; no docs
     python benchmarks/quality.py                         # both models, full grid; writes docs/benchmarks.md
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = "compare-structured" if args.structured else "compare"
     if args.smoke:
         args.models, args.no_docs, extra = "dlm", True, ["--quick", *extra]
-    from sink_modifier.cli import main as cli
+    from sink_modifier.cli.main import main as cli
 
     sections = []
     for kind in args.models.split(","):

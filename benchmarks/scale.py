@@ -100,7 +100,7 @@ def _build_diffusion_gemma(shape: Shape, layers: int, path: Path) -> int:
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig
 
-    from sink_modifier.toy import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
+    from tests.toy import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
 
     text = DiffusionGemmaTextConfig(
         vocab_size=shape.vocab, hidden_size=shape.d, intermediate_size=shape.mlp, num_hidden_layers=layers,
@@ -188,11 +188,14 @@ def worker(spec: dict) -> dict:
     """Run ``sink-prune run`` in this (fresh) process with phase timers and an RSS sampler."""
     import llmcompressor
 
-    from sink_modifier import cli, loading, modifier, pipeline
+    from sink_modifier.calibration import pipeline
+    from sink_modifier.cli import main as cli
+    from sink_modifier.loading import checkpoints as loading
+    from sink_modifier.modifiers import sink_rows
 
     marks: dict = {}
     _timed(loading, "load_model_and_tokenizer", "load", marks)
-    _timed(modifier, "run_trajectory", "trajectory", marks)
+    _timed(sink_rows, "run_trajectory", "trajectory", marks)
     _timed(pipeline, "run_trajectory", "trajectory", marks)
     _timed(llmcompressor, "oneshot", "oneshot", marks)
     sampler = _Sampler()

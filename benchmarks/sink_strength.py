@@ -4,7 +4,7 @@ For each model, on the same calibration text and the same noised states (``sink-
 ``forward_noise``, 10 noise levels, seed 0, per-layer sinks), per decoder layer and averaged:
 
 * **moved** at 50% unstructured, 2:4 and 75% unstructured: the share of Wanda's keep/prune decisions that the
-  sink row scales move (``sink_modifier.diagnostics.diagnose``, llm-compressor's own mask selection run twice);
+  sink row scales move (``sink_modifier.cli.diagnostics.diagnose``, llm-compressor's own mask selection run twice);
 * **sink input share**: the share of the layer's Linear inputs' squared norm carried by sink rows (mean over
   the layer's Linears; with no special sink it is about sinks/tokens);
 * **sink norm ratio**: the sink tokens' hidden-state norm at the layer output over the median token's (mean
@@ -43,12 +43,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sink_modifier import families
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
-from sink_modifier.demo import CALIBRATION_TEXT
-from sink_modifier.diagnostics import diagnose
-from sink_modifier.evaluation import ar_perplexity, elbo_perplexity
+from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
+from sink_modifier.cli.demo import CALIBRATION_TEXT
+from sink_modifier.cli.diagnostics import diagnose
+from sink_modifier.cli.workflows import read_samples
+from sink_modifier.evaluation.perplexity import ar_perplexity, elbo_perplexity
 from sink_modifier.families import base_model, no_cache_kwargs
-from sink_modifier.trajectory import TrajectorySettings, run_trajectory
-from sink_modifier.workflows import read_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_DLM = ROOT / "benchmarks" / ".cache" / "reference" / "models" / "dlm-llama"  # train_reference --arch llama

@@ -27,8 +27,8 @@ import torch
 from loguru import logger
 
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
-from sink_modifier.inspection import measure_sinks
-from sink_modifier.workflows import load_model
+from sink_modifier.cli.inspection import measure_sinks
+from sink_modifier.cli.workflows import load_model
 
 ROOT = Path(__file__).parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"

@@ -7,8 +7,8 @@ the modifier's own overhead. All models are timed in ONE process on the same thr
 (medians), so the ratios compare like with like:
 
 * one denoising step: one full forward of a batch of ``--batch`` x ``--length`` tokens (a quarter masked);
-* a full sampler generation: LLaDA's sampler (``sink_modifier.sampling``), ``--answer`` tokens in ``--steps``
-  forwards after a 32-token prompt, batch 1.
+* a full sampler generation: LLaDA's sampler (``sink_modifier.families.sampling``), ``--answer`` tokens in
+  ``--steps`` forwards after a 32-token prompt, batch 1.
 
     OMP_NUM_THREADS=1 python benchmarks/structured.py                 # CPU, one thread; writes docs/benchmarks.md
     python benchmarks/structured.py --device cuda --no-docs           # the same on a GPU (prints the table)
@@ -30,10 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sink_modifier import SinkAwareStructuredPruningModifier
 from sink_modifier.bundled import bundled_model_path, load_eval_slice
+from sink_modifier.evaluation.speed import denoising_batch, interleaved_medians
+from sink_modifier.families.sampling import masked_diffusion_sample
 from sink_modifier.families.structure import HF_DECODER
-from sink_modifier.sampling import masked_diffusion_sample
-from sink_modifier.slicing import keep_units
-from sink_modifier.speed import denoising_batch, interleaved_medians
+from sink_modifier.modifiers.slicing import keep_units
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sinks import write_docs  # noqa: E402  (one writer of the docs blocks for every benchmark)

@@ -61,10 +61,10 @@ from sink_modifier import (
     bundled,  # noqa: E402
     families,  # noqa: E402
 )
-from sink_modifier.evaluation import ar_perplexity, elbo_perplexity  # noqa: E402
-from sink_modifier.probe import AttentionProbe  # noqa: E402
-from sink_modifier.sampling import masked_diffusion_sample  # noqa: E402
-from sink_modifier.trajectory import TrajectorySettings, run_trajectory  # noqa: E402
+from sink_modifier.calibration.probe import AttentionProbe  # noqa: E402
+from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory  # noqa: E402
+from sink_modifier.evaluation.perplexity import ar_perplexity, elbo_perplexity  # noqa: E402
+from sink_modifier.families.sampling import masked_diffusion_sample  # noqa: E402
 
 WORK = corpus.CACHE / "reference"
 BUNDLED = bundled.BUNDLED_DIR

@@ -13,8 +13,8 @@ from llmcompressor import oneshot
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-import sink_modifier.pipeline
-import sink_modifier.sink_rows
+import sink_modifier.calibration.pipeline
+import sink_modifier.modifiers.sink_rows
 from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
 
 
@@ -28,7 +28,7 @@ def main(model_path: str, dataset_path: str, method: str, pipeline: str, output:
     # rank the first shard; see docs/failure-modes.md).
     dataset = load_from_disk(dataset_path).shard(num_shards=dist.get_world_size(), index=rank, contiguous=True)
     local_samples = []  # this rank's share of the calibration set, as its trajectory phase saw it
-    for module in (sink_modifier.sink_rows, sink_modifier.pipeline):
+    for module in (sink_modifier.modifiers.sink_rows, sink_modifier.calibration.pipeline):
         measure = module.run_trajectory
         module.run_trajectory = lambda model, family, samples, *a, measure=measure, **k: (
             local_samples.append(len(samples)) or measure(model, family, samples, *a, **k))

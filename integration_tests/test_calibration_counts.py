@@ -17,7 +17,7 @@ from llmcompressor import oneshot
 
 from conftest import load_model
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.scales import SampleScales
+from sink_modifier.calibration.scales import SampleScales
 from sink_modifier.seeding import content_id
 
 ROWS, SAMPLES, LEVELS, LENGTH = 300, 4, 3, 12

@@ -14,10 +14,10 @@ from transformers.utils.quantization_config import CompressedTensorsConfig
 
 from conftest import calibration_dataset
 from sink_modifier import SinkAwarePruningModifier, families
+from sink_modifier.calibration.probe import AttentionProbe
+from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
 from sink_modifier.families.diffusion_gemma import DiffusionGemma
 from sink_modifier.families.diffusion_gemma_checkpoint import SharedWeights
-from sink_modifier.probe import AttentionProbe
-from sink_modifier.trajectory import TrajectorySettings, run_trajectory
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "diffusiongemma_sink_2of4_fp8.yaml"
 SAMPLER = dict(trajectory="sampler", sampler_steps=6, sampler_blocks=2, prompt_fraction=0.5)
@@ -250,7 +250,7 @@ def test_sparsegpt_refuses_hessians_that_cannot_fit(diffusion_gemma_path, tmp_pa
     def no_trajectory(*args, **kwargs):
         raise AssertionError("the refusal must come before the trajectory phase")
 
-    monkeypatch.setattr("sink_modifier.pipeline.run_trajectory", no_trajectory)
+    monkeypatch.setattr("sink_modifier.calibration.pipeline.run_trajectory", no_trajectory)
     with pytest.raises(ValueError, match="Hessian.*method: wanda"):
         run_oneshot(diffusion_gemma_path, tmp_path / "out",
                     [SinkAwarePruningModifier(sparsity=0.5, method="sparsegpt", noise_levels=2)])
@@ -258,7 +258,7 @@ def test_sparsegpt_refuses_hessians_that_cannot_fit(diffusion_gemma_path, tmp_pa
 
 def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, capsys):
     """`sink-prune run` picks DiffusionGemma's model class and the diffusion pipeline by itself."""
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     text_file = tmp_path / "calib.txt"
     text_file.write_text("\n".join(TEXTS))
@@ -333,7 +333,7 @@ def test_wrong_inputs_are_refused_with_what_to_change(diffusion_gemma_path, dlm_
 def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
     """One decoder forward per state and one encoder forward per canvas; the masses equal a second pass that
     re-encodes each state's whole prefix (chunked causal prefill is exact)."""
-    from sink_modifier.trajectory import analyse_sample, measure_states
+    from sink_modifier.calibration.trajectory import analyse_sample, measure_states
 
     model = load(diffusion_gemma_path)
     adapter = DiffusionGemma(model)
@@ -361,7 +361,7 @@ def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
 
 
 def test_command_line_refuses_another_pipeline_for_diffusion_gemma(diffusion_gemma_path, tmp_path, capsys):
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     text_file = tmp_path / "calib.txt"
     text_file.write_text("\n".join(TEXTS))

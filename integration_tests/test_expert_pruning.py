@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 from conftest import calibration_dataset
 from sink_modifier import SinkAwareExpertPruningModifier, SinkAwarePruningModifier
 from sink_modifier.errors import UserError
-from sink_modifier.toy import build_tiny_diffusion_gemma
+from tests.toy import build_tiny_diffusion_gemma
 
 TEXTS = [
     "A diffusion language model denoises every position of its canvas at once.",

@@ -118,7 +118,7 @@ def test_cli_run_and_reload_as_printed(published, recipe, tmp_path):
             "A diffusion language model denoises every position of its canvas at once.",
             "Two of every four weights are zero in the semi-structured pattern."]))
     out = tmp_path / "out"
-    run = run_fresh("import sys; from sink_modifier.cli import main; sys.exit(main(sys.argv[1:]))",
+    run = run_fresh("import sys; from sink_modifier.cli.main import main; sys.exit(main(sys.argv[1:]))",
                     "run", str(path), "--trust-remote-code", "--recipe", str(RECIPES / f"{recipe}.yaml"),
                     "--text-file", str(text), "--output", str(out), "--quiet", "--max-seq-length", "32",
                     *(["--pipeline", "diffusion"] if recipe == "sink_2of4_w4a16" else []))
@@ -183,7 +183,7 @@ def test_cli_inspect(published, tmp_path):
     rows = torch.randint(5, 240, (2, 24), generator=torch.Generator().manual_seed(2)).tolist()
     english = "The quick brown fox jumps over the lazy dog.\n\nAttention sinks draw attention to themselves."
     text.write_text("\n\n".join(" ".join(f"t{i}" for i in row) for row in rows) if name == "llada" else english)
-    run = run_fresh("import sys; from sink_modifier.cli import main; sys.exit(main(sys.argv[1:]))",
+    run = run_fresh("import sys; from sink_modifier.cli.main import main; sys.exit(main(sys.argv[1:]))",
                     "inspect", str(path), "--trust-remote-code", "--text-file", str(text), "--output",
                     str(tmp_path / "inspect"), "--quiet")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -178,7 +178,7 @@ def test_scored_by_sink_prune_eval_and_the_lm_eval_model(published_moe, tmp_path
     from types import SimpleNamespace
 
     from sink_modifier import load_model_and_tokenizer
-    from sink_modifier.harness import DiffusionLM
+    from sink_modifier.evaluation.harness import DiffusionLM
 
     name, path = published_moe
     text = tmp_path / "text.txt"

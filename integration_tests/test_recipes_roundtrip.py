@@ -81,7 +81,7 @@ def test_recipe_roundtrip(dlm_path, tmp_path, recipe, pipeline):
 @pytest.fixture(scope="module")
 def wide_head_dlm(tmp_path_factory):
     """A toy DLM whose kept widths (128 channels, 2 heads of 64) fit W4A16's group of 128."""
-    from sink_modifier.toy import build_toy_model
+    from tests.toy import build_toy_model
 
     return build_toy_model(tmp_path_factory.mktemp("wide"), hidden_size=256, intermediate_size=256)
 

@@ -43,7 +43,7 @@ def run_and_reload(model: Path, recipe: str, tmp_path: Path) -> tuple[str, str]:
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(TEXTS))
     out = tmp_path / "out"
-    run = run_fresh("import sys; from sink_modifier.cli import main; sys.exit(main(sys.argv[1:]))",
+    run = run_fresh("import sys; from sink_modifier.cli.main import main; sys.exit(main(sys.argv[1:]))",
                     "run", str(model), "--recipe", str(RECIPES / f"{recipe}.yaml"), "--text-file", str(text),
                     "--num-samples", "4", "--output", str(out), "--quiet")
     assert run.returncode == 0, run.stderr[-3000:]

@@ -11,13 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
+from sink_modifier.calibration.probe import AttentionProbe
+from sink_modifier.calibration.trajectory import TrajectorySettings, analyse_sample, measure_states, run_trajectory
 from sink_modifier.families import Family
 from sink_modifier.families.autoregressive import AutoregressiveControl
 from sink_modifier.families.masked import MaskedDiffusion
-from sink_modifier.probe import AttentionProbe
-from sink_modifier.sampling import masked_diffusion_sample
-from sink_modifier.toy import MASK_ID
-from sink_modifier.trajectory import TrajectorySettings, analyse_sample, measure_states, run_trajectory
+from sink_modifier.families.sampling import masked_diffusion_sample
+from tests.toy import MASK_ID
 
 SAMPLER = dict(trajectory="sampler", sampler_steps=8, sampler_blocks=2, prompt_fraction=0.5)
 

@@ -8,12 +8,12 @@ teaches transformers to reload per-expert DiffusionGemma checkpoints.
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
-from sink_modifier.experts import SinkAwareExpertPruningModifier
+from sink_modifier.calibration.pipeline import DiffusionPipeline
 from sink_modifier.families.diffusion_gemma_checkpoint import prepare_model, register_checkpoint_conversion
-from sink_modifier.loading import load_model, load_model_and_tokenizer
-from sink_modifier.modifier import SinkAwarePruningModifier
-from sink_modifier.pipeline import DiffusionPipeline
-from sink_modifier.structured import SinkAwareStructuredPruningModifier
+from sink_modifier.loading.checkpoints import load_model, load_model_and_tokenizer
+from sink_modifier.modifiers.experts import SinkAwareExpertPruningModifier
+from sink_modifier.modifiers.structured import SinkAwareStructuredPruningModifier
+from sink_modifier.modifiers.weight_pruning import SinkAwarePruningModifier
 
 __all__ = [
     "SinkAwarePruningModifier", "SinkAwareStructuredPruningModifier", "SinkAwareExpertPruningModifier",

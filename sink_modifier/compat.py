@@ -1,7 +1,7 @@
 """Repairs for published remote-code DLMs under the transformers versions llm-compressor 0.14 pins (5.15-5.17).
 
-Each function works around one documented behaviour; ``sink_modifier.loading.load_model`` applies them when
-it loads a checkpoint, and the modifier applies :func:`make_saveable` again at initialize for models loaded
+Each function works around one documented behaviour; ``sink_modifier.loading.checkpoints.load_model`` applies them
+when it loads a checkpoint, and the modifier applies :func:`make_saveable` again at initialize for models loaded
 some other way.
 
 * LLaDA's (and MMaDA's, which subclasses it) ``LLaDAModelLM.__init__`` never calls ``post_init()``.
@@ -22,7 +22,7 @@ some other way.
   take: ``PreTrainedModel.init_weights`` calls ``tie_weights(recompute_mapping=False)`` (LLaDA's published
   ``def tie_weights(self)``), ``GenerationConfig.__init__`` calls ``validate(user_set_attributes=...)`` (Dream's
   Hub ``DreamGenerationConfig.validate(self, is_init=False)``). ``remote_code.repair_remote_code`` adapts any such
-  override in the checkpoint's own modules to ignore the keywords it predates (``sink_modifier.remote_code``).
+  override in the checkpoint's own modules to ignore the keywords it predates (``loading.remote_code``).
 * transformers 5.17's ``GenerationConfig.from_model_config`` fails for subclasses with fields of their own
   (Dream's ``DreamGenerationConfig``, used by its ``diffusion_generate``); the remote subclass gets a version
   without the failing comparison (``remote_code.repair_remote_code``).
@@ -34,7 +34,7 @@ some other way.
   ``PreTrainedConfig.__init__``; LLaDA's forward reads ``config.use_cache``
   (``remote_code.restore_generation_keys``).
 
-The repairs of the last four points live in ``sink_modifier.remote_code`` (this module's length).
+The repairs of the last four points live in ``sink_modifier.loading.remote_code`` (this module's length).
 The remote-code repairs edit only the classes and modules transformers loaded from the checkpoint (they belong
 to that checkpoint), never a library's globals, and they are idempotent.
 """

@@ -2,7 +2,7 @@
 where any other exception is a bug.
 
 This module imports nothing at module level: the ``sink-prune`` script loads it by file, before the package
-(see ``cli.py``).
+(see ``cli/main.py``).
 """
 
 from __future__ import annotations

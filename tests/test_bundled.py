@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sink_modifier import bundled, families
 from sink_modifier.bundled import bundled_model_path, eval_slice_path, load_eval_slice
-from sink_modifier.evaluation import ar_perplexity, elbo_perplexity, perplexity
-from sink_modifier.sampling import masked_diffusion_sample
+from sink_modifier.evaluation.perplexity import ar_perplexity, elbo_perplexity, perplexity
+from sink_modifier.families.sampling import masked_diffusion_sample
 
 SLICE_DOCS = 6  # the first six documents of eval_slice.txt: one per corpus source
 MC_SAMPLES = 4

@@ -18,9 +18,9 @@ from matplotlib.image import imread
 from transformers import AutoModelForCausalLM
 
 from conftest import CALIBRATION_TEXTS, calibration_dataset
-from sink_modifier.cli import CLIError, main
-from sink_modifier.publish import MANIFEST, read_manifest
-from sink_modifier.workflows import token_samples
+from sink_modifier.cli.main import CLIError, main
+from sink_modifier.cli.workflows import token_samples
+from sink_modifier.saving.publish import MANIFEST, read_manifest
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"
@@ -131,7 +131,7 @@ def test_run_bad_input_fails_with_one_line(capsys, dlm_path, text_file, tmp_path
 def test_offline_hub_id_says_so(tmp_path):
     """The installed console script (or ``python -m``) with no network and an empty cache."""
     script = shutil.which("sink-prune")
-    command = [script] if script else [sys.executable, "-m", "sink_modifier.cli"]
+    command = [script] if script else [sys.executable, "-m", "sink_modifier.cli.main"]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     result = subprocess.run(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CALIBRATION_TEXTS
-from sink_modifier.cli import build_parser, main
+from sink_modifier.cli.main import build_parser, main
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"
@@ -91,7 +91,7 @@ def test_option_values_are_refused_while_parsing(argv, fragments):
 
 def test_compare_quick_keeps_what_was_given_explicitly():
     quick = build_parser().parse_args(["compare", "--quick", "--sparsities", "2:4", "--num-samples", "3"])
-    from sink_modifier.compare import config_from_args
+    from sink_modifier.cli.compare import config_from_args
 
     config = config_from_args(quick)
     assert config.sparsities == ("2:4",) and config.num_samples == 3
@@ -270,7 +270,7 @@ def test_a_huge_one_line_text_is_tokenized_only_as_far_as_needed(bundled, tmp_pa
 
     from transformers import AutoTokenizer
 
-    from sink_modifier.workflows import token_samples
+    from sink_modifier.cli.workflows import token_samples
 
     tokenizer = AutoTokenizer.from_pretrained(bundled)
     seen = []
@@ -302,7 +302,7 @@ def test_compare_errors_leave_stdout_empty(tmp_path):
 def test_an_unreachable_hub_for_a_dataset_name_is_one_short_line(capsys, monkeypatch, dlm_path, tmp_path):
     """A registered name (wikitext) with the Hub unreachable: after five retries datasets raises a
     ConnectionError; it used to be reported as a bug. Injected here: the retries take half a minute."""
-    from sink_modifier import workflows
+    from sink_modifier.cli import workflows
 
     def unreachable(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CALIBRATION_TEXTS
-from sink_modifier.cli import CLIError, main
-from sink_modifier.publish import MANIFEST, read_manifest
+from sink_modifier.cli.main import CLIError, main
+from sink_modifier.saving.publish import MANIFEST, read_manifest
 
 REPO = Path(__file__).parents[1]
 RECIPE = REPO / "recipes" / "sink_wanda_unstructured_50.yaml"
@@ -125,7 +125,7 @@ def test_an_empty_mount_point_as_output(capsys, monkeypatch, dlm_path, text_file
     tmpfs mount where the test may mount one, else a rename that fails as a mount point's does."""
     import errno
 
-    from sink_modifier import publish
+    from sink_modifier.saving import publish
 
     output = tmp_path / "volume"
     mounted = mount_tmpfs(output)
@@ -186,7 +186,7 @@ def test_sigterm_sigkill_and_a_second_run_into_the_same_output(capsys, dlm_path,
     """SIGTERM (Slurm, docker stop) cleans up like Ctrl-C and leaves the --overwrite target intact; a second run
     fails at once naming the first; SIGKILL (the OOM killer) leaves staging and lock behind, and the next run
     removes them and says so."""
-    from sink_modifier.publish import staged
+    from sink_modifier.saving.publish import staged
 
     output = tmp_path / "out"
     with staged(output) as previous:  # an earlier result of sink-prune
@@ -304,7 +304,7 @@ def test_default_and_quiet_runs_of_the_bundled_dlm_fit_on_a_screen(tmp_path):
     """Real processes, as a user sees them: at most 25 lines by default, at most 3 with --quiet, and stdout
     holds only the summary (llm-compressor's import-time "No accelerator" line included)."""
     dlm = bundled_dlm()
-    from sink_modifier.demo import CALIBRATION_TEXT
+    from sink_modifier.cli.demo import CALIBRATION_TEXT
 
     lines = {}
     for mode in ("default", "quiet"):

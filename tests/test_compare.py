@@ -13,12 +13,12 @@ from pydantic import ValidationError
 
 from conftest import CALIBRATION_TEXTS, load_model
 from sink_modifier import families
-from sink_modifier.compare_table import _over_draws, comparisons_for, difference
+from sink_modifier.calibration.statistics import permute_valid, row_scales
+from sink_modifier.calibration.trajectory import TrajectorySettings, analyse_sample
+from sink_modifier.cli.compare_table import _over_draws, comparisons_for, difference
 from sink_modifier.families import FamilyOptions
 from sink_modifier.families.masked import MaskedDiffusion
-from sink_modifier.statistics import permute_valid, row_scales
-from sink_modifier.toy import BOS_ID, MASK_ID, PAD_ID
-from sink_modifier.trajectory import TrajectorySettings, analyse_sample
+from tests.toy import BOS_ID, MASK_ID, PAD_ID
 
 # --------------------------------------------------------------------------- row scales
 
@@ -153,8 +153,8 @@ def test_ablation_equals_plain_wanda_on_the_noised_states(dlm_path):
     from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
     from conftest import calibration_dataset
-    from sink_modifier.compare import recipe
-    from sink_modifier.scope import never_pruned_ignore
+    from sink_modifier.cli.compare import recipe
+    from sink_modifier.modifiers.scope import never_pruned_ignore
 
     weights = []
     for method in ("plain", "wanda_noised"):
@@ -175,7 +175,7 @@ def test_ablation_equals_plain_wanda_on_the_noised_states(dlm_path):
 
 
 def test_compare_command_on_a_toy_dlm(capsys, dlm_path, tmp_path):
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
@@ -209,7 +209,7 @@ def test_compare_command_on_a_toy_dlm(capsys, dlm_path, tmp_path):
 
 
 def test_compare_help_is_fast_and_complete(capsys):
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["compare", "--help"])

@@ -8,10 +8,15 @@ import torch
 from torch import nn
 
 from sink_modifier import families
-from sink_modifier.diagnostics import diagnose, moved_decisions, verdict
+from sink_modifier.calibration.statistics import SinkSummary
+from sink_modifier.calibration.trajectory import (
+    SampleTrajectory,
+    TrajectoryResult,
+    TrajectorySettings,
+    run_trajectory,
+)
+from sink_modifier.cli.diagnostics import diagnose, moved_decisions, verdict
 from sink_modifier.families import DenoisingState
-from sink_modifier.statistics import SinkSummary
-from sink_modifier.trajectory import SampleTrajectory, TrajectoryResult, TrajectorySettings, run_trajectory
 
 
 def test_moved_decisions_by_hand():
@@ -73,7 +78,7 @@ def test_a_planted_massive_activation_sink_moves_many_decisions():
 
 def test_bundled_dlm_moves_few_decisions():
     from sink_modifier.bundled import bundled_model_path, load_eval_slice
-    from sink_modifier.loading import load_model_and_tokenizer
+    from sink_modifier.loading.checkpoints import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(bundled_model_path("dlm"), dtype="float32")
     texts = load_eval_slice()[:4]

@@ -17,10 +17,10 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from conftest import CALIBRATION_TEXTS, load_model
-from sink_modifier import evaluation
-from sink_modifier.evaluation import ar_perplexity, elbo_perplexity, perplexity, prepare_sequences
-from sink_modifier.sampling import masked_diffusion_sample, transfer_schedule
-from sink_modifier.toy import BOS_ID, MASK_ID
+from sink_modifier.evaluation import perplexity as evaluation
+from sink_modifier.evaluation.perplexity import ar_perplexity, elbo_perplexity, perplexity, prepare_sequences
+from sink_modifier.families.sampling import masked_diffusion_sample, transfer_schedule
+from tests.toy import BOS_ID, MASK_ID
 
 VOCAB = 11
 

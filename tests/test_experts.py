@@ -15,13 +15,13 @@ from transformers import DiffusionGemmaTextConfig
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
 
 from sink_modifier import SinkAwareExpertPruningModifier
-from sink_modifier.calibration import SinkCalibration, active
+from sink_modifier.calibration.handoff import SinkCalibration, active
+from sink_modifier.calibration.scales import StateScales
+from sink_modifier.calibration.trajectory import TrajectorySettings
 from sink_modifier.errors import UserError
-from sink_modifier.experts import SinkWeightedSaliency
 from sink_modifier.families import Family
 from sink_modifier.families.moe import ExpertLayout, MoeBlock, RoutingLimits
-from sink_modifier.scales import StateScales
-from sink_modifier.trajectory import TrajectorySettings
+from sink_modifier.modifiers.experts import SinkWeightedSaliency
 
 EXPERTS, TOP_K, TOKENS = 6, 2, 7
 

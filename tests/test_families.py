@@ -22,7 +22,7 @@ from sink_modifier.families import (
     FamilySpec,
     NoiseProcess,
 )
-from sink_modifier.toy import MASK_ID
+from tests.toy import MASK_ID
 
 
 class SpanMasking(NoiseProcess, AttentionMeasurement, CalibrationLayout):

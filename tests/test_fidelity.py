@@ -16,13 +16,13 @@ from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModif
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
-from sink_modifier.calibration import SinkCalibration
-from sink_modifier.engines import ENGINES
+from sink_modifier.calibration.handoff import SinkCalibration
+from sink_modifier.calibration.scales import StateScales
+from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
 from sink_modifier.families import Family
 from sink_modifier.families.masked import MaskedDiffusion
-from sink_modifier.scales import StateScales
-from sink_modifier.toy import MASK_ID
-from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+from sink_modifier.modifiers.engines import ENGINES
+from tests.toy import MASK_ID
 
 ALPHA, K = 5.0, 2.0
 MASKED = Family.of("masked", MaskedDiffusion(MASK_ID))

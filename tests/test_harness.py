@@ -19,10 +19,10 @@ import torch
 pytest.importorskip("lm_eval")
 
 from sink_modifier.bundled import bundled_model_path  # noqa: E402
-from sink_modifier.cli import main  # noqa: E402
-from sink_modifier.harness import DiffusionLM, UnsupportedModel, evaluate_tasks  # noqa: E402
-from sink_modifier.tasks.make_bundled_cloze import OUTPUT, build  # noqa: E402
-from sink_modifier.workflows import load_model  # noqa: E402
+from sink_modifier.cli.main import main  # noqa: E402
+from sink_modifier.cli.workflows import load_model  # noqa: E402
+from sink_modifier.evaluation.harness import DiffusionLM, UnsupportedModel, evaluate_tasks  # noqa: E402
+from sink_modifier.evaluation.tasks.make_bundled_cloze import OUTPUT, build  # noqa: E402
 
 LIMIT = 16  # four groups of four: a context-blind model scores exactly 4/16
 
@@ -142,7 +142,7 @@ def test_ar_twin_scores_exact_next_token_likelihood_and_generates(ar) -> None:
 
 
 def test_rolling_loglikelihood_is_the_elbo(dlm) -> None:
-    from sink_modifier.evaluation import elbo_perplexity
+    from sink_modifier.evaluation.perplexity import elbo_perplexity
 
     model, tokenizer = dlm
     text = "In the beginning God created the heaven and the earth."
@@ -171,9 +171,9 @@ def test_cli_prints_lm_evals_table(capsys) -> None:
 
 
 def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
-    """``python -m sink_modifier.harness`` with lm-eval's own flags, offline, from another directory."""
+    """``python -m sink_modifier.evaluation.harness`` with lm-eval's own flags, offline, from another directory."""
     dlm = bundled_model_path("dlm")
-    command = [sys.executable, "-m", "sink_modifier.harness", "--model", "diffusion_lm", "--model_args",
+    command = [sys.executable, "-m", "sink_modifier.evaluation.harness", "--model", "diffusion_lm", "--model_args",
                f"pretrained={dlm},mc_samples=1,dtype=float32", "--tasks", "bundled_cloze", "--limit", "4",
                "--batch_size", "16", "--device", "cpu"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

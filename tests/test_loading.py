@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sink_modifier import compat
-from sink_modifier.loading import LoadError, check_finite_forward, load_model, resolve_source
+from sink_modifier.loading.checkpoints import LoadError, check_finite_forward, load_model, resolve_source
 
 
 def test_cpu_init_device_only_without_cuda(monkeypatch):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from sink_modifier.probe import AttentionProbe, AttentionProbeError, attention_key_mass
+from sink_modifier.calibration.probe import AttentionProbe, AttentionProbeError, attention_key_mass
 
 SEQ = 14
 HEADS = 4
@@ -367,7 +367,7 @@ def test_measuring_forward_stops_after_the_last_attention_layer(published_llada)
     """LLaDA's backbone (the published code) computes logits; the trajectory's measuring forwards never reach its
     LM head, and the masses are those of a full forward."""
     from sink_modifier.families.masked import MaskedDiffusion
-    from sink_modifier.loading import load_model
+    from sink_modifier.loading.checkpoints import load_model
 
     model = load_model(published_llada, trust_remote_code=True)
     blocks = model.model.transformer.blocks

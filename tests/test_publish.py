@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sink_modifier import publish
-from sink_modifier.publish import MANIFEST, ManifestError, OutputError, check_output, read_manifest, staged
+from sink_modifier.saving import publish
+from sink_modifier.saving.publish import MANIFEST, ManifestError, OutputError, check_output, read_manifest, staged
 
 OLD = {"model.safetensors": b"old weights", "config.json": b"old fp8 config", "sink_report.json": b"old report",
        "sub/extra.json": b"old extra"}
@@ -202,7 +202,7 @@ def test_a_live_lock_fails_at_once_naming_the_holder_and_a_dead_ones_is_reclaime
 
 
 def test_leftovers_of_dead_runs_are_removed_and_an_output_moved_aside_is_restored(tmp_path, capfd):
-    from sink_modifier.console import command_console
+    from sink_modifier.cli.console import command_console
 
     target = tmp_path / "out"
     pid = dead_pid()

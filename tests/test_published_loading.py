@@ -76,9 +76,10 @@ def test_a_transformers_that_breaks_the_code_again_fails_with_one_line(published
     model, the versions and the cause in one line, not a traceback."""
     code = r"""
 import sys
-from sink_modifier import load_model, remote_code
-from sink_modifier.cli import main
-from sink_modifier.loading import LoadError
+from sink_modifier import load_model
+from sink_modifier.loading import remote_code
+from sink_modifier.cli.main import main
+from sink_modifier.loading.checkpoints import LoadError
 remote_code.repair_remote_code = lambda cls: None
 try:
     load_model(sys.argv[1], trust_remote_code=True)
@@ -118,7 +119,7 @@ print("GENERATED", (sequence[4:] == model.config.mask_token_id).sum().item())
 
 
 def test_remote_code_needs_consent(published_llada):
-    from sink_modifier.loading import LoadError, load_model
+    from sink_modifier.loading.checkpoints import LoadError, load_model
 
     with pytest.raises(LoadError, match="ships its own modeling code; pass trust_remote_code=True"):
         load_model(published_llada)
@@ -131,8 +132,8 @@ import json, sys
 from types import SimpleNamespace
 import torch
 from sink_modifier import load_model_and_tokenizer
-from sink_modifier.evaluation import elbo_perplexity, perplexity, token_scores
-from sink_modifier.harness import DiffusionLM
+from sink_modifier.evaluation.perplexity import elbo_perplexity, perplexity, token_scores
+from sink_modifier.evaluation.harness import DiffusionLM
 
 model, tokenizer = load_model_and_tokenizer(sys.argv[1], trust_remote_code=True, dtype="float32")
 mask = model.config.mask_token_id

@@ -164,7 +164,7 @@ def test_llada2_sampler_masses_are_the_attention_it_computes(llada2_path):
     """The probe's key masses over generate()'s steps equal the column sums of the attention weights the
     published attention returns (eager function, the same block-causal mask)."""
     from sink_modifier import compat
-    from sink_modifier.probe import AttentionProbe
+    from sink_modifier.calibration.probe import AttentionProbe
 
     model = load_model(llada2_path, trust_remote_code=True, dtype="float32")
     family = families.resolve(model)
@@ -196,7 +196,7 @@ def test_llada2_sampler_masses_are_the_attention_it_computes(llada2_path):
 def test_llada_moe_masses_are_the_attention_it_computes(tmp_path):
     """The probe (which wraps the SDPA call LLaDA-MoE's attention makes) gives the column sums of the attention
     weights the published eager attention returns for the same tokens."""
-    from sink_modifier.probe import AttentionProbe
+    from sink_modifier.calibration.probe import AttentionProbe
 
     path = build("llada_moe", tmp_path / "llada_moe")
     model = load_model(path, trust_remote_code=True, dtype="float32")

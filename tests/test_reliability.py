@@ -12,12 +12,12 @@ from llmcompressor import oneshot
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier
+from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
 from sink_modifier.families import Family
 from sink_modifier.families.masked import MaskedDiffusion
-from sink_modifier.publish import MANIFEST, _umask, read_manifest
-from sink_modifier.report import save_plan
-from sink_modifier.toy import MASK_ID
-from sink_modifier.trajectory import TrajectorySettings, run_trajectory
+from sink_modifier.saving.publish import MANIFEST, _umask, read_manifest
+from sink_modifier.saving.report import save_plan
+from tests.toy import MASK_ID
 
 MASKED = Family.of("masked", MaskedDiffusion(MASK_ID))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sink_modifier import families
-from sink_modifier.evaluation import elbo_perplexity, perplexity
+from sink_modifier.evaluation.perplexity import elbo_perplexity, perplexity
 from sink_modifier.families.masked import Dream, MaskedDiffusion
 
 VOCAB, MASK = 64, 63
@@ -97,7 +97,7 @@ def test_a_family_registered_here_is_scored_through_its_role(shifted_family):
 
 def test_the_lm_eval_model_scores_through_the_role(shifted_family):
     pytest.importorskip("lm_eval")
-    from sink_modifier.harness import DiffusionLM
+    from sink_modifier.evaluation.harness import DiffusionLM
 
     model, tokenizer = shifted_family
     lm = DiffusionLM(model, tokenizer, mc_samples=2, batch_size=4)
@@ -109,7 +109,7 @@ def test_the_lm_eval_model_scores_through_the_role(shifted_family):
 
 
 def test_diffusion_gemma_eval_is_refused_in_one_line(diffusion_gemma_path, tmp_path, capsys):
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     text = tmp_path / "eval.txt"
     text.write_text("abc def\n\nghi jkl")

@@ -1,4 +1,4 @@
-"""Hand-computed checks for sink_modifier.statistics (tiny tensors, CPU only)."""
+"""Hand-computed checks for sink_modifier.calibration.statistics (tiny tensors, CPU only)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics as st
 import pytest
 import torch
 
-from sink_modifier.statistics import (
+from sink_modifier.calibration.statistics import (
     SinkSummary,
     aggregate,
     centroid_temporal_variance,

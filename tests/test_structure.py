@@ -26,7 +26,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package modules that ``name`` imports, anywhere in its file, module level or inside a function.
 
     ``from sink_modifier import x`` imports module ``x`` where there is one, else a name of the package's
-    ``__init__``; ``sink_modifier.cli.main`` is module ``cli``."""
+    ``__init__``; ``sink_modifier.cli.main.main`` is module ``cli``."""
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     if name == "__init__":
         package = []
@@ -95,21 +95,69 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_no_import_cycles_among_the_package_modules():
     graph = import_graph()
-    assert {"cli", "console", "workflows", "inspection", "demo"} <= graph.keys()
+    assert {"cli.main", "cli.workflows", "modifiers.weight_pruning", "calibration.probe"} <= graph.keys()
     new = [cycle for cycle in sorted(_cycles(graph))]
     assert not new, "import cycles in sink_modifier/: " + "; ".join(
         " <-> ".join(cycle) + " (" + ", ".join(f"{a} -> {b}" for a in cycle for b in sorted(graph[a] & set(cycle)))
         + ")" for cycle in new)
 
 
+#: The parts, lowest first (docs/architecture.md): each may import its own part and the ones below, never above.
+LAYERS = {
+    "plugin": ("__init__", "errors", "compat", "hooks", "seeding", "families", "calibration", "modifiers",
+               "loading", "saving", "bundled"),
+    "evaluation": ("evaluation",),
+    "cli": ("cli",),
+}
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[0]
+    for rank, parts in enumerate(LAYERS.values()):
+        if top in parts:
+            return rank
+    raise AssertionError(f"sink_modifier.{module} belongs to no part of docs/architecture.md's picture")
+
+
+def test_every_module_belongs_to_a_part():
+    for module in import_graph():
+        layer(module)
+
+
+def test_no_part_imports_a_part_above_it():
+    graph = import_graph()
+    upward = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                    if layer(target) > layer(name))
+    assert not upward, "imports of an upper part: " + ", ".join(upward)
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    graph = {"modifiers.x": {"cli.main"}, "cli.main": {"modifiers.x"}}
+    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer(b) > layer(a)]
+    assert upward == ["modifiers.x -> cli.main"]
+
+
+def test_importing_the_plugin_loads_neither_evaluation_nor_the_command_line():
+    """What ``import sink_modifier`` (and so every recipe) pulls in, measured in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sink_modifier; print(sorted(m for m in sys.modules if m.startswith("
+            "('sink_modifier.evaluation', 'sink_modifier.cli', 'lm_eval', 'matplotlib'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_the_command_line_front_is_not_imported_by_the_library():
     graph = import_graph()
-    importers = sorted(name for name, targets in graph.items() if "cli" in targets)
-    assert not importers, f"sink_modifier.cli is imported by {importers}: import sink_modifier.workflows instead"
+    importers = sorted(n for n, targets in graph.items() if "cli.main" in targets and n != "cli.__main__")
+    assert not importers, f"sink_modifier.cli.main is imported by {importers}: import sink_modifier.cli.workflows"
     benchmarks = PACKAGE.parent / "benchmarks"
     users = sorted(path.name for path in benchmarks.glob("*.py")
-                   if "sink_modifier.cli" in path.read_text(encoding="utf-8")
-                   or "from sink_modifier import cli" in path.read_text(encoding="utf-8"))
+                   if "sink_modifier.cli.main" in path.read_text(encoding="utf-8")
+                   or "from sink_modifier.cli import main" in path.read_text(encoding="utf-8"))
     # scale.py times the `sink-prune run` command itself; quality.py runs `sink-prune compare` as a user does
     assert users == ["quality.py", "scale.py"], users
 

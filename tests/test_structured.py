@@ -19,17 +19,17 @@ from pydantic import ValidationError
 
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier
-from sink_modifier.calibration import SinkCalibration
+from sink_modifier.calibration.handoff import SinkCalibration
+from sink_modifier.calibration.scales import StateScales
+from sink_modifier.calibration.trajectory import TrajectorySettings
 from sink_modifier.errors import UserError
 from sink_modifier.families import Family, FamilyError
 from sink_modifier.families.base import PrunableUnits
 from sink_modifier.families.masked import MaskedDiffusion
 from sink_modifier.families.structure import DREAM, HF_DECODER, LLADA
-from sink_modifier.scales import StateScales
-from sink_modifier.slicing import keep_units
-from sink_modifier.toy import MASK_ID
-from sink_modifier.trajectory import TrajectorySettings
-from sink_modifier.unit_scores import ColumnMoments, kept_count, kept_units, unit_importance
+from sink_modifier.modifiers.slicing import keep_units
+from sink_modifier.modifiers.unit_scores import ColumnMoments, kept_count, kept_units, unit_importance
+from tests.toy import MASK_ID
 
 FAST = dict(noise_levels=2)
 
@@ -108,7 +108,7 @@ def test_slicing_equals_dropping_the_removed_units(dlm_path):
 
 @torch.no_grad()
 def test_rows_take_their_bias_and_columns_keep_it():
-    from sink_modifier.slicing import keep_columns, keep_rows
+    from sink_modifier.modifiers.slicing import keep_columns, keep_rows
 
     torch.manual_seed(0)
     x = torch.randn(3, 6)
@@ -199,7 +199,7 @@ def test_structured_then_unstructured_composes_in_the_independent_pipeline(dlm_p
 
 def test_llada_channels_shrink_and_reload(published_llada, tmp_path):
     """The published LLaDA code: channels only (its code derives the head width), mlp_hidden_size rewritten."""
-    from sink_modifier.loading import load_model as load_repaired
+    from sink_modifier.loading.checkpoints import load_model as load_repaired
 
     model = load_repaired(published_llada, trust_remote_code=True)
     texts = ["t5 t6 t7 t8 t9 t10 t11 t12", "t20 t21 t22 t23 t24 t25 t26 t27"]
@@ -219,7 +219,7 @@ def test_llada_channels_shrink_and_reload(published_llada, tmp_path):
 
 def test_dream_channels_shrink_and_heads_are_refused(published_dream):
     """The Hub's Dream code: channels only (its code derives head_dim from the head count)."""
-    from sink_modifier.loading import load_model as load_repaired
+    from sink_modifier.loading.checkpoints import load_model as load_repaired
 
     dataset = calibration_dataset(published_dream, ["The cat sat on the mat and looked at the door for a while.",
                                                     "A small boat crossed the lake before the storm arrived."],
@@ -241,13 +241,13 @@ def test_dream_channels_shrink_and_heads_are_refused(published_dream):
 @pytest.fixture
 def no_calibration(monkeypatch):
     """Any calibration (the trajectory phase) fails the test: refusals must come first."""
-    import sink_modifier.pipeline
-    import sink_modifier.sink_rows
+    import sink_modifier.calibration.pipeline
+    import sink_modifier.modifiers.sink_rows
 
     def fail(*args, **kwargs):
         raise AssertionError("calibration ran before the refusal")
 
-    for module in (sink_modifier.sink_rows, sink_modifier.pipeline):
+    for module in (sink_modifier.modifiers.sink_rows, sink_modifier.calibration.pipeline):
         monkeypatch.setattr(module, "run_trajectory", fail)
 
 
@@ -294,7 +294,7 @@ def test_unstructured_in_the_same_pass_is_refused(dlm_path):
 
 
 def test_architectures_whose_config_cannot_say_fewer_heads_are_refused():
-    from sink_modifier.toy import toy_config
+    from tests.toy import toy_config
 
     llada = type("LLaDAConfig", (), dict(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=128))()
     with pytest.raises(FamilyError, match="head_dim = d_model // n_heads"):
@@ -309,7 +309,7 @@ def test_architectures_whose_config_cannot_say_fewer_heads_are_refused():
 
 def test_diffusion_gemma_is_refused_in_one_line(diffusion_gemma_path):
     from sink_modifier import families
-    from sink_modifier.loading import load_model as load_any
+    from sink_modifier.loading.checkpoints import load_model as load_any
 
     model = load_any(str(diffusion_gemma_path), dtype="float32")
     structure = families.resolve(model).structure
@@ -320,8 +320,8 @@ def test_diffusion_gemma_is_refused_in_one_line(diffusion_gemma_path):
 
 def test_compare_structured_runs_every_method_over_draws(capsys, dlm_path, tmp_path):
     from conftest import CALIBRATION_TEXTS
-    from sink_modifier.cli import main
-    from sink_modifier.compare import STRUCTURED_METHODS
+    from sink_modifier.cli.compare import STRUCTURED_METHODS
+    from sink_modifier.cli.main import main
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
@@ -348,7 +348,7 @@ def test_cli_run_eval_inspect_on_a_structured_checkpoint(capsys, dlm_path, tmp_p
     from pathlib import Path
 
     from conftest import CALIBRATION_TEXTS
-    from sink_modifier.cli import main
+    from sink_modifier.cli.main import main
 
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")

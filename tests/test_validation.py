@@ -14,7 +14,7 @@ import sink_modifier
 from conftest import calibration_dataset, load_model
 from sink_modifier import SinkAwarePruningModifier, families
 from sink_modifier.families import FamilyError, FamilyOptions
-from sink_modifier.toy import build_toy_model
+from tests.toy import build_toy_model
 
 
 def parse(fields: str):

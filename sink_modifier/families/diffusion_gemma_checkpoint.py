@@ -27,7 +27,7 @@ from loguru import logger
 from sink_modifier import compat
 from sink_modifier.errors import UserError
 from sink_modifier.families.base import CheckpointHooks, FamilyError
-from sink_modifier.scope import NEVER_PRUNED
+from sink_modifier.modifiers.scope import NEVER_PRUNED
 
 MODEL_TYPE = "diffusion_gemma"
 ENCODER, DECODER = "encoder", "decoder"

@@ -53,7 +53,7 @@ class MaskedDiffusion(NoiseProcess, AttentionMeasurement, CalibrationLayout, Che
         return states
 
     def sampler_states(self, model, tokens, *, steps, blocks, prompt_fraction, temperature, seed):
-        from sink_modifier.sampling import masked_diffusion_sample
+        from sink_modifier.families.sampling import masked_diffusion_sample
 
         length = tokens.numel()
         answer = length - max(1, round(prompt_fraction * length))

@@ -1,7 +1,7 @@
 """The experts role: where a mixture-of-experts model keeps its routed experts, how they are routed, and how to
 remove some of them so that the smaller model still loads and routes.
 
-Expert pruning (``sink_modifier.experts``) reads this role only. A family overrides what differs from the
+Expert pruning (``sink_modifier.modifiers.experts``) reads this role only. A family overrides what differs from the
 default, which describes what llm-compressor's own REAP handles: blocks with ``experts`` (llm-compressor's
 ``LinearExperts2D``, called as ``experts(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])``) next to a
 ``router`` or ``gate`` Linear, counted by the config keys REAP knows (``reap/utils.py``).
