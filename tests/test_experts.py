@@ -15,7 +15,7 @@ from transformers import DiffusionGemmaTextConfig
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextExperts
 
 from sink_modifier import SinkAwareExpertPruningModifier
-from sink_modifier.calibration.handoff import SinkCalibration, active
+from sink_modifier.calibration.handoff import SinkCalibration
 from sink_modifier.calibration.scales import StateScales
 from sink_modifier.calibration.trajectory import TrajectorySettings
 from sink_modifier.errors import UserError
@@ -78,9 +78,9 @@ def calibrating(modifier: SinkAwareExpertPruningModifier, layer: TinyMoe, token_
     previous = getattr(state, "current_batch_idx", None)
     state.current_batch_idx = 0
     try:
-        with active(SinkCalibration(None, TrajectorySettings(), scales)):
-            modifier.on_calibration_start(state, None)
-            yield
+        modifier.receive_calibration(SinkCalibration(None, TrajectorySettings(), scales))
+        modifier.on_calibration_start(state, None)
+        yield
     finally:
         modifier.remove_hooks()
         state.current_batch_idx = previous

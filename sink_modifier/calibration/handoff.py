@@ -2,17 +2,19 @@
 
 Whoever runs the trajectory phase creates a ``SinkCalibration``: the ``diffusion`` pipeline (which then
 calibrates on the states) or, in llm-compressor's own pipelines, the modifier's pre-pass on the clean rows.
-The pipeline publishes its context with ``active(...)`` for the duration of its calibration; the modifier finds
-it with ``current()``. Which token stream a forward belongs to is handed out by the family's ``calibrating``
-context while the pipeline runs, never stored on the family.
+The pipeline hands its calibration to the recipe's modifiers that take one (``CalibrationReceiver``: a
+``receive_calibration`` method) before calibration starts and takes it back when it ends (``handed_to``); no
+module or context-variable state carries it, so two runs in one process never see each other's. Which token
+stream a forward belongs to is handed out by the family's ``calibrating`` context while the pipeline runs, never
+stored on the family.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -48,19 +50,26 @@ class SinkCalibration:
                 self.current_stream = previous
 
 
-_ACTIVE: ContextVar[SinkCalibration | None] = ContextVar("sink_calibration", default=None)
+@runtime_checkable
+class CalibrationReceiver(Protocol):
+    """A modifier that calibrates on the calibration a pipeline measured (None: the pipeline took it back)."""
+
+    def receive_calibration(self, calibration: SinkCalibration | None) -> None: ...
+
+
+def receivers(modifiers) -> list[CalibrationReceiver]:
+    """The modifiers (of a recipe) that take a pipeline's calibration."""
+    return [modifier for modifier in modifiers if isinstance(modifier, CalibrationReceiver)]
 
 
 @contextlib.contextmanager
-def active(calibration: SinkCalibration) -> Iterator[SinkCalibration]:
-    """Publish ``calibration`` to the modifiers for the duration of a pipeline run."""
-    token = _ACTIVE.set(calibration)
+def handed_to(calibration: SinkCalibration, modifiers) -> Iterator[SinkCalibration]:
+    """Give ``calibration`` to every receiver among ``modifiers`` for the block, and take it back after."""
+    given = receivers(modifiers)
     try:
+        for modifier in given:
+            modifier.receive_calibration(calibration)
         yield calibration
     finally:
-        _ACTIVE.reset(token)
-
-
-def current() -> SinkCalibration | None:
-    """The calibration a pipeline is running now, if it published one."""
-    return _ACTIVE.get()
+        for modifier in given:
+            modifier.receive_calibration(None)

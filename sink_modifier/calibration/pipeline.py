@@ -19,7 +19,7 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from torch.utils.data import DataLoader
 
 from sink_modifier import families
-from sink_modifier.calibration.handoff import SinkCalibration, active
+from sink_modifier.calibration.handoff import SinkCalibration, handed_to
 from sink_modifier.calibration.scales import StateScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.calibration.trajectory import TrajectoryResult, TrajectorySettings, run_trajectory
 from sink_modifier.errors import UserError
@@ -81,7 +81,7 @@ class DiffusionPipeline(CalibrationPipeline):
         states, scales = state_dataloader(result, family)
         all_states = [state for sample in result.samples for state in sample.states]
         calibration = SinkCalibration(family, settings, scales, result)
-        with active(calibration), calibration.feeding(model, all_states):
+        with handed_to(calibration, recipe.modifiers), calibration.feeding(model, all_states):
             if family.calibration.needs_state_pipeline:
                 # Weights shared by several streams (DiffusionGemma's encoder and decoder) are called from
                 # several layers of one forward; llm-compressor's layer-by-layer pipeline would compress them

@@ -102,6 +102,7 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
     _trackers: dict[str, SinkWeightedSaliency] = PrivateAttr(default_factory=dict)
     _pruned: dict[str, dict] = PrivateAttr(default_factory=dict)
     _calibration: calibration.SinkCalibration | None = PrivateAttr(None)
+    _handed: calibration.SinkCalibration | None = PrivateAttr(None)  # the diffusion pipeline's, while it runs
     _save: SavePlan | None = PrivateAttr(None)
     _group: object = PrivateAttr(None)
 
@@ -118,6 +119,10 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
     def family_selection(self) -> tuple[str, FamilyOptions]:
         never = None if self.never_mask_token_ids is None else tuple(self.never_mask_token_ids)
         return self.family, FamilyOptions(mask_token_id=self.mask_token_id, never_mask_token_ids=never)
+
+    def receive_calibration(self, measured: calibration.SinkCalibration | None) -> None:
+        """The ``diffusion`` pipeline hands its calibration over before calibrating (and None after)."""
+        self._handed = measured
 
     # ---- lifecycle ----
 
@@ -149,7 +154,7 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
-        self._calibration = calibration.current()
+        self._calibration = self._handed
         if self._calibration is None:
             raise UserError("SinkAwareExpertPruningModifier scores experts on the recorded denoising states, "
                             "which only the diffusion pipeline feeds: pass pipeline='diffusion' to oneshot "

@@ -52,6 +52,7 @@ class SinkRowWeighting(TrajectorySettings):
 
     _family: Family | None = PrivateAttr(None)
     _calibration: calibration.SinkCalibration | None = PrivateAttr(None)
+    _handed: calibration.SinkCalibration | None = PrivateAttr(None)  # the diffusion pipeline's, while it runs
     _save: SavePlan | None = PrivateAttr(None)
     _report: dict | None = PrivateAttr(None)
     _module_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
@@ -88,6 +89,10 @@ class SinkRowWeighting(TrajectorySettings):
         """The family this recipe asks for, as the pipeline and the modifier resolve it."""
         never = None if self.never_mask_token_ids is None else tuple(self.never_mask_token_ids)
         return self.family, FamilyOptions(mask_token_id=self.mask_token_id, never_mask_token_ids=never)
+
+    def receive_calibration(self, measured: calibration.SinkCalibration | None) -> None:
+        """The ``diffusion`` pipeline hands its calibration over before calibrating (and None after)."""
+        self._handed = measured
 
     @property
     def report(self) -> dict | None:
@@ -135,7 +140,7 @@ class SinkRowWeighting(TrajectorySettings):
     def _start_sink_calibration(self, state) -> None:
         """Find (``diffusion`` pipeline) or measure (pre-pass) the row scales of the batches about to run."""
         model = state.model
-        self._calibration = calibration.current()
+        self._calibration = self._handed
         if self._calibration is None:
             if self._family.calibration.needs_state_pipeline:
                 raise UserError(
