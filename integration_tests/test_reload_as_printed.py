@@ -1,6 +1,6 @@
 """The call ``sink-prune run`` prints after ``load with`` loads the output, in a fresh interpreter, for the
-transformers-native families (the bundled DLM: dense, 2:4 + FP8, 2:4 + W4A16; DiffusionGemma: its FP8 recipe).
-LLaDA and Dream are covered by ``test_published_models.py``."""
+transformers-native families (the bundled DLM: dense, 2:4 + FP8, 2:4 + W4A16; DiffusionGemma: its FP8 recipe,
+per-expert keys). LLaDA and Dream are covered by ``test_published_models.py``."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def test_bundled_dlm_reloads_with_plain_transformers(recipe, tmp_path):
     assert "FINITE True" in output
 
 
-def test_diffusion_gemma_reloads_after_importing_the_package(diffusion_gemma_path, tmp_path):
+def test_diffusion_gemma_reloads_through_the_package_loader(diffusion_gemma_path, tmp_path):
+    """Its FP8 experts keep per-expert keys: ``load_model`` registers their conversion before loading (importing
+    the package alone no longer does)."""
     call, output = run_and_reload(diffusion_gemma_path, "diffusiongemma_sink_2of4_fp8", tmp_path)
-    assert call == ("import sink_modifier; transformers.DiffusionGemmaForBlockDiffusion.from_pretrained("
-                    f"{str(tmp_path / 'out')!r})")
+    assert call == f"import sink_modifier; sink_modifier.load_model({str(tmp_path / 'out')!r})"
     assert "FINITE True DiffusionGemmaForBlockDiffusion" in output

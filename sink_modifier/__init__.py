@@ -2,8 +2,10 @@
 
 ``import sink_modifier`` registers ``SinkAwarePruningModifier``, ``SinkAwareStructuredPruningModifier`` and
 ``SinkAwareExpertPruningModifier`` with llm-compressor's ``ModifierFactory`` (under their class names, so recipes
-and the ``recipe.yaml`` saved next to a checkpoint both parse) and the ``diffusion`` calibration pipeline, and
-teaches transformers to reload per-expert DiffusionGemma checkpoints.
+and the ``recipe.yaml`` saved next to a checkpoint both parse) and the ``diffusion`` calibration pipeline. It
+changes no table of transformers: the conversion that reloads per-expert DiffusionGemma checkpoints is registered
+where such a model is loaded (``load_model``) or prepared (``prepare_model``, the modifiers), or by calling
+``register_checkpoint_conversion()``.
 """
 
 from llmcompressor.modifiers.factory import ModifierFactory
@@ -17,12 +19,11 @@ from sink_modifier.modifiers.weight_pruning import SinkAwarePruningModifier
 
 __all__ = [
     "SinkAwarePruningModifier", "SinkAwareStructuredPruningModifier", "SinkAwareExpertPruningModifier",
-    "DiffusionPipeline", "load_model", "load_model_and_tokenizer", "prepare_model", "__version__",
+    "DiffusionPipeline", "load_model", "load_model_and_tokenizer", "prepare_model",
+    "register_checkpoint_conversion", "__version__",
 ]
 __version__ = "0.1.0"
 
 ModifierFactory.register(SinkAwarePruningModifier.__name__, SinkAwarePruningModifier)
 ModifierFactory.register(SinkAwareStructuredPruningModifier.__name__, SinkAwareStructuredPruningModifier)
 ModifierFactory.register(SinkAwareExpertPruningModifier.__name__, SinkAwareExpertPruningModifier)
-# Saved DiffusionGemma checkpoints keep per-expert keys; this lets from_pretrained fuse them back.
-register_checkpoint_conversion()

@@ -88,3 +88,26 @@ def test_check_forward_names_the_overflowing_module_and_the_right_dtype(publishe
         assert "overflows in float16; load the model in bfloat16 or float32" in message
     else:
         assert "float16" not in message and "torch.float32 although every weight is finite" in message
+
+
+def test_loading_a_diffusion_gemma_registers_its_expert_conversion_first(diffusion_gemma_path):
+    """Importing the package changes no transformers table; ``load_model`` of a DiffusionGemma registers the
+    conversion that fuses per-expert keys before ``from_pretrained`` runs (fresh interpreter: nothing else has)."""
+    from tests.published import run_fresh
+
+    code = ("import sys, transformers, sink_modifier\n"
+            "from transformers.conversion_mapping import get_checkpoint_conversion_mapping as mapping\n"
+            "names = lambda: sorted(type(c).__name__ for c in mapping('diffusion_gemma') or [])\n"
+            "print('after import', names())\n"
+            "seen = []\n"
+            "original = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained.__func__\n"
+            "def spy(cls, *args, **kwargs):\n"
+            "    seen.append(names())\n"
+            "    return original(cls, *args, **kwargs)\n"
+            "transformers.DiffusionGemmaForBlockDiffusion.from_pretrained = classmethod(spy)\n"
+            "sink_modifier.load_model(sys.argv[1])\n"
+            "print('at from_pretrained', seen[0])\n")
+    result = run_fresh(code, str(diffusion_gemma_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("after import", "at from_"))]
+    assert lines == ["after import []", "at from_pretrained ['FuseExpertsOnLoad', 'FuseExpertsOnLoad']"]

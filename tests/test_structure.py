@@ -138,16 +138,20 @@ def test_the_layer_rule_catches_an_upward_import():
 
 
 def test_importing_the_plugin_loads_neither_evaluation_nor_the_command_line():
-    """What ``import sink_modifier`` (and so every recipe) pulls in, measured in a fresh interpreter."""
+    """What ``import sink_modifier`` (and so every recipe) pulls in, measured in a fresh interpreter; it also
+    leaves transformers' checkpoint-conversion table as it found it (no registration at import)."""
     import subprocess
     import sys
 
-    code = ("import sys, sink_modifier; print(sorted(m for m in sys.modules if m.startswith("
-            "('sink_modifier.evaluation', 'sink_modifier.cli', 'lm_eval', 'matplotlib'))))")
+    code = ("from transformers.conversion_mapping import get_checkpoint_conversion_mapping as mapping\n"
+            "before = repr(mapping('diffusion_gemma'))\n"
+            "import sys, sink_modifier; print(sorted(m for m in sys.modules if m.startswith("
+            "('sink_modifier.evaluation', 'sink_modifier.cli', 'lm_eval', 'matplotlib'))))\n"
+            "print('conversion table unchanged:', repr(mapping('diffusion_gemma')) == before)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert result.stdout.strip().splitlines()[-2:] == ["[]", "conversion table unchanged: True"]
 
 
 def test_the_command_line_front_is_not_imported_by_the_library():

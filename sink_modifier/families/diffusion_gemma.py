@@ -43,6 +43,7 @@ from sink_modifier.families.diffusion_gemma_checkpoint import (
     SharedWeights,
     _text_layers,
     is_diffusion_gemma,
+    register_checkpoint_conversion,
 )
 from sink_modifier.families.diffusion_gemma_experts import DiffusionGemmaExperts
 from sink_modifier.families.registry import FamilyOptions, FamilySpec, register
@@ -385,10 +386,17 @@ def _model_class(config) -> type | None:
     return DiffusionGemmaForBlockDiffusion
 
 
+def _before_load(config) -> None:
+    """Per-expert keys (what llm-compressor saves for quantized experts) load fused only with the conversion."""
+    if getattr(config, "model_type", None) == MODEL_TYPE:
+        register_checkpoint_conversion()
+
+
 register(FamilySpec(
     "diffusion_gemma", _build, matches=is_diffusion_gemma, priority=100, claims=True,
     description="block diffusion with uniform-token noise; DiffusionGemma", model_class=_model_class,
     probe_inputs=lambda model, ids: {"input_ids": ids, "decoder_input_ids": ids.flip(-1)},
-    reload_call=lambda model: ("import sink_modifier; transformers.DiffusionGemmaForBlockDiffusion"
-                               ".from_pretrained({path!r})") if is_diffusion_gemma(model) else None,
+    before_load=_before_load,
+    reload_call=lambda model: ("import sink_modifier; sink_modifier.load_model({path!r})"
+                               if is_diffusion_gemma(model) else None),
 ))

@@ -42,7 +42,10 @@ def register_checkpoint_conversion() -> None:
     transformers 5.17 ships no conversion mapping for ``diffusion_gemma``, so a checkpoint written by
     llm-compressor (per-expert keys) reloads with *randomly initialised* experts. The mapping mirrors
     transformers' own ``qwen2_moe`` one. Checkpoints with fused keys (the published bf16 release) match none
-    of its patterns and load as before.
+    of its patterns and load as before. It changes transformers' process-wide mapping table, so it runs only
+    where a DiffusionGemma is loaded (``load_model``, before ``from_pretrained``) or prepared
+    (``SharedWeights.prepare``, ``prepare_model``), never at import; call it yourself before a plain
+    ``DiffusionGemmaForBlockDiffusion.from_pretrained`` of a checkpoint with quantized experts (idempotent).
     """
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
@@ -114,8 +117,11 @@ class SharedWeights(CheckpointHooks):
         for the 26B model; call :func:`sink_modifier.prepare_model` before ``oneshot`` to avoid it). The
         backbone's children are reordered decoder-first so that llm-compressor names each shared module by
         its decoder path (``model.decoder.layers.0.experts.3.down_proj``): the name the checkpoint keeps.
+        The per-expert conversion is registered here too, so the checkpoint this process writes reloads in it.
         """
         from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+        register_checkpoint_conversion()
 
         backbone = model.model
         compat.move_child_first(backbone, DECODER)

@@ -40,6 +40,9 @@ class FamilySpec:
     model_class: Callable[[object], type | None] = field(default=lambda config: None)
     #: the inputs of one check forward of a claimed model, from token ids [1, T] (None: ``input_ids`` only)
     probe_inputs: Callable[[torch.nn.Module, torch.Tensor], dict] | None = None
+    #: called with every config the loader reads, before ``from_pretrained``; acts on this family's configs only
+    #: (e.g. registers the weight conversion transformers needs to load its checkpoints)
+    before_load: Callable[[object], None] | None = None
     #: called on every model the loader loads, before its check forward; acts on this family's models only
     #: (e.g. installs hooks that let its published code take the inputs llm-compressor gives it)
     on_load: Callable[[torch.nn.Module], None] | None = None
@@ -86,6 +89,13 @@ def probe_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:
     if owner is not None and owner.probe_inputs is not None:
         return owner.probe_inputs(model, input_ids)
     return {"input_ids": input_ids}
+
+
+def prepare_to_load(config) -> None:
+    """Every family's ``before_load`` for a checkpoint about to be loaded."""
+    for spec in _by_priority():
+        if spec.before_load is not None:
+            spec.before_load(config)
 
 
 def prepare_loaded(model: torch.nn.Module) -> None:

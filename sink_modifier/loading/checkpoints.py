@@ -148,6 +148,7 @@ def _load(name_or_path, *, trust_remote_code, dtype, check_forward, tokenizer, *
             remote_code.repair_remote_code(cls)
             saved, _ = type(config).get_config_dict(source, local_files_only=kwargs.get("local_files_only", False))
             remote_code.restore_generation_keys(config, saved)
+        registry.prepare_to_load(config)
         with compat.calls_post_init(cls) if remote else contextlib.nullcontext(), compat.removed_import_helpers():
             model = auto.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
                                          **kwargs)
