@@ -325,6 +325,28 @@ def editing_tqdm_bars(edit) -> Iterator[None]:
         std.tqdm.__init__ = descriptor
 
 
+@contextlib.contextmanager
+def same_draw_as_pipeline() -> Iterator[None]:
+    """Read a copy of the pipeline's dataloader so that it yields the rows the pipeline will calibrate on.
+
+    llm-compressor 0.14 hands modifiers a deep copy of the pipeline's dataloader and, with
+    ``shuffle_calibration_samples`` (the default), samples it with a ``RandomSampler`` built without a generator
+    (``datasets.utils._make_sampler``), which seeds itself from torch's global RNG each time it is iterated; its
+    pipelines iterate right after ``calibration_start``, where the modifier's pre-pass runs. No public API says
+    which dataset row a batch is (batches carry no index, and the sampler takes no seed), so the pre-pass
+    replays the draw: it snapshots torch's global RNG and restores it afterwards, and the modifier finds each
+    batch's rows again by their token ids (``calibration.scales.SampleScales``), checking after the first layer
+    that the rows calibrated on are exactly the rows measured (``SampleScales.verify``), so an upstream change
+    fails loudly rather than weighting the wrong rows. The ``diffusion`` pipeline needs none of this: it builds
+    its own dataloader in a fixed order.
+    """
+    state = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def name_or_path(config) -> str | None:
     """Where a config was loaded from (transformers 5.17 keeps it in the private ``_name_or_path``)."""
     return getattr(config, "_name_or_path", None) or None

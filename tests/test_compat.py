@@ -103,6 +103,30 @@ def test_move_child_first_keeps_modules_and_changes_only_the_order():
     assert all(getattr(parent, name) is module for name, module in modules.items())
 
 
+def test_same_draw_as_pipeline_replays_llmcompressors_shuffled_sampler():
+    """llm-compressor 0.14 shuffles with a generator-less RandomSampler (seeded from torch's global RNG at each
+    iteration); a copy read inside ``same_draw_as_pipeline`` draws exactly what the original draws after it."""
+    import copy
+
+    from datasets import Dataset
+    from llmcompressor.args import DatasetArguments
+    from llmcompressor.datasets.utils import _make_sampler
+    from torch.utils.data import RandomSampler
+
+    from sink_modifier import compat
+
+    dataset = Dataset.from_dict({"input_ids": [[i] for i in range(50)]})
+    sampler = _make_sampler(DatasetArguments(num_calibration_samples=8, shuffle_calibration_samples=True,
+                                             batch_size=1), dataset)
+    assert isinstance(sampler, RandomSampler) and sampler.generator is None  # what the replay relies on
+    modifiers_copy = copy.deepcopy(sampler)
+    with compat.same_draw_as_pipeline():
+        measured = list(modifiers_copy)
+        torch.rand(3)  # the trajectory's own draws must not shift the pipeline's
+    assert list(sampler) == measured
+    assert list(sampler) != measured  # each iteration draws anew: without the replay the rows would differ
+
+
 def test_editing_tqdm_bars_reaches_every_bar_and_is_undone():
     from tqdm import std
 

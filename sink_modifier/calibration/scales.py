@@ -4,14 +4,14 @@ Two sources, one per pipeline:
 
 * ``SampleScales`` (any llm-compressor pipeline, calibration on clean samples): the scales are computed per
   sample in a pre-pass and found again *by the tokens themselves* when the pipeline feeds a batch to the input
-  embedding, so the match survives llm-compressor's shuffling and batching.
+  embedding, so the match survives llm-compressor's shuffling and batching (llm-compressor 0.14's batches carry
+  no sample index; the pre-pass reads the same draw through ``compat.same_draw_as_pipeline``).
 * ``StateScales`` (the ``diffusion`` pipeline): the pipeline builds the dataloader of trajectory states itself,
   in a fixed order, so batch ``i`` simply has the scales of states ``i``.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -80,7 +80,7 @@ class SampleScales:
         self._batches[batch_idx] = torch.stack([scales for _, scales in found])
 
     def verify(self) -> None:
-        """The pipeline calibrated on exactly the measured samples, each once (see ``same_draw_as_pipeline``)."""
+        """The pipeline calibrated on exactly the measured samples, each once (compat.same_draw_as_pipeline)."""
         seen = Counter(index for indices in self._observed.values() for index in indices)
         if seen != Counter(range(len(self._samples))):
             missing = len(self._samples) - len(seen)
@@ -153,21 +153,3 @@ def calibration_rows(dataloader: DataLoader) -> Iterator[tuple[torch.Tensor, tor
         mask = mask.reshape(input_ids.shape)
         for row, valid in zip(input_ids, mask, strict=True):
             yield row.cpu(), valid.cpu()
-
-
-@contextlib.contextmanager
-def same_draw_as_pipeline() -> Iterator[None]:
-    """Read a copy of the pipeline's dataloader so that it yields the rows the pipeline will calibrate on.
-
-    Modifiers get a deep copy of the pipeline's dataloader. With ``shuffle_calibration_samples`` (the default)
-    and ``num_calibration_samples`` below the dataset size, llm-compressor 0.14 samples with a
-    ``RandomSampler`` that seeds itself from torch's global RNG each time it is iterated, and its pipelines
-    iterate right after ``calibration_start`` (where this pre-pass runs). Restoring the global RNG state after
-    the pre-pass makes the pipeline's draw the one measured here; ``SampleScales.verify`` checks after the
-    first layer that the rows calibrated on are exactly the rows measured, so a change upstream fails loudly.
-    """
-    state = torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)

@@ -21,14 +21,9 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from sink_modifier import families
 from sink_modifier.calibration import handoff as calibration
-from sink_modifier.calibration.scales import (
-    SampleScales,
-    calibration_rows,
-    same_draw_as_pipeline,
-    warn_if_ranks_share_data,
-)
+from sink_modifier.calibration.scales import SampleScales, calibration_rows, warn_if_ranks_share_data
 from sink_modifier.calibration.trajectory import TrajectorySettings, run_trajectory
-from sink_modifier.compat import make_saveable
+from sink_modifier.compat import make_saveable, same_draw_as_pipeline
 from sink_modifier.errors import UserError
 from sink_modifier.families import Family, FamilyOptions
 from sink_modifier.modifiers.scope import check_in_scope, never_pruned_ignore, planned_modules, protect_output_head
@@ -203,7 +198,7 @@ class SinkRowWeighting(TrajectorySettings):
     def _measure_clean_samples(self, model, dataloader) -> calibration.SinkCalibration:
         """Pre-pass for ordinary pipelines: each clean sample gets its timestep-averaged row scales.
 
-        Exactly the rows the pipeline is about to calibrate on are measured (``same_draw_as_pipeline``).
+        Exactly the rows the pipeline is about to calibrate on are measured (``compat.same_draw_as_pipeline``).
         """
         warn_if_ranks_share_data(dataloader)
         settings = self.trajectory_settings()
