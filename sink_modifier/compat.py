@@ -347,6 +347,28 @@ def same_draw_as_pipeline() -> Iterator[None]:
         torch.random.set_rng_state(state)
 
 
+def run_lm_eval_command_line(argv: list[str]) -> None:
+    """lm-eval's own command line (``lm-eval`` / ``python -m lm_eval``) on the explicit argument list ``argv``.
+
+    lm-eval 0.4.13 offers no entry that takes arguments: ``lm_eval.__main__.cli_evaluate()`` has no parameter and
+    ``HarnessCLI.parse_args()`` reads (and edits) ``sys.argv``. The parser it wraps, the private
+    ``HarnessCLI._parser``, is the one place that parses a given list, so it is used here, with ``parse_args``'s
+    one rewrite (arguments without a subcommand mean ``run``) repeated, instead of swapping ``sys.argv``.
+    """
+    from lm_eval._cli.harness import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    cli = HarnessCLI()
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] not in cli._subparsers.choices:
+        argv.insert(0, "run")
+    elif argv == ["run"]:
+        cli._subparsers.choices["run"].print_help()
+        raise SystemExit(0)
+    cli.execute(cli._parser.parse_args(argv))
+
+
 def name_or_path(config) -> str | None:
     """Where a config was loaded from (transformers 5.17 keeps it in the private ``_name_or_path``)."""
     return getattr(config, "_name_or_path", None) or None

@@ -127,6 +127,15 @@ def test_same_draw_as_pipeline_replays_llmcompressors_shuffled_sampler():
     assert list(sampler) != measured  # each iteration draws anew: without the replay the rows would differ
 
 
+def test_lm_eval_parser_internals_exist():
+    """lm-eval 0.4.13: the parser ``HarnessCLI.parse_args`` wraps, and its subcommands (``run`` implied)."""
+    from lm_eval._cli.harness import HarnessCLI
+
+    cli = HarnessCLI()
+    assert "run" in cli._subparsers.choices
+    assert cli._parser.parse_args(["run", "--tasks", "x", "--model", "hf"]).tasks == ["x"]
+
+
 def test_editing_tqdm_bars_reaches_every_bar_and_is_undone():
     from tqdm import std
 

@@ -182,6 +182,28 @@ def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     assert "|bundled_cloze|" in done.stdout and "diffusion_lm" in done.stdout
 
 
+def test_module_entry_point_passes_an_explicit_argument_list(monkeypatch, capsys) -> None:
+    """In-process ``harness.main(argv)``: lm-eval parses ``argv`` (no subcommand given: ``run`` is implied) while
+    ``sys.argv`` stays the caller's, untouched, during the run too."""
+    from sink_modifier.evaluation import harness
+
+    callers = ["pytest", "--not-an-lm-eval-flag"]
+    monkeypatch.setattr(sys, "argv", callers)
+    during = []
+    create = DiffusionLM.create_from_arg_obj.__func__
+
+    def recording(cls, *args, **kwargs):
+        during.append(list(sys.argv))
+        return create(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionLM, "create_from_arg_obj", classmethod(recording))
+    dlm = bundled_model_path("dlm")
+    assert harness.main(["--model", "diffusion_lm", "--model_args", f"pretrained={dlm},mc_samples=1,dtype=float32",
+                         "--tasks", "bundled_cloze", "--limit", "2", "--batch_size", "16", "--device", "cpu"]) == 0
+    assert "|bundled_cloze|" in capsys.readouterr().out
+    assert during == [callers] and sys.argv is callers and callers == ["pytest", "--not-an-lm-eval-flag"]
+
+
 def test_diffusion_gemma_generates_through_its_own_generate(diffusion_gemma_path) -> None:
     lm = DiffusionLM(*load_model(str(diffusion_gemma_path), dtype="float32"))
     assert lm.family == "diffusion_gemma"

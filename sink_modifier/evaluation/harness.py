@@ -386,22 +386,18 @@ def evaluate_tasks(
 def main(argv: Sequence[str] | None = None) -> int:
     """lm-eval's command line with ``diffusion_lm`` registered and the shipped tasks included (unless
     ``--include_path`` names another directory)."""
-    from lm_eval.__main__ import cli_evaluate
-
+    from sink_modifier.compat import run_lm_eval_command_line
     from sink_modifier.errors import CLIError
     from sink_modifier.loading.checkpoints import LoadError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and not any(a.startswith("--include_path") for a in args) and not {"-h", "--help"} & set(args):
         args += ["--include_path", str(TASKS_DIR)]
-    saved, sys.argv = sys.argv, ["python -m sink_modifier.evaluation.harness", *args]
     try:
-        cli_evaluate()
+        run_lm_eval_command_line(args)  # an explicit list: sys.argv is read, never replaced
     except (UnsupportedModel, CLIError, LoadError) as error:
         print(f"python -m sink_modifier.evaluation.harness: error: {error}", file=sys.stderr)
         return 1
-    finally:
-        sys.argv = saved
     return 0
 
 
