@@ -37,6 +37,22 @@ some other way.
 The repairs of the last four points live in ``sink_modifier.loading.remote_code`` (this module's length).
 The remote-code repairs edit only the classes and modules transformers loaded from the checkpoint (they belong
 to that checkpoint), never a library's globals, and they are idempotent.
+
+The other workarounds of upstream internals, each where no public API serves:
+
+* llm-compressor 0.14 (the engines' statistics, the all-experts flag, the layer types): see each function.
+* llm-compressor 0.14's shuffled calibration sampler gives no way to know which dataset row a batch is:
+  :func:`same_draw_as_pipeline` replays its draw from torch's global RNG (snapshotted and restored), and the
+  modifier matches rows by their token ids.
+* lm-eval 0.4.13's command line reads only ``sys.argv``: :func:`run_lm_eval_command_line` hands its parser an
+  explicit list instead of swapping ``sys.argv``.
+* transformers 5.17 has no weight conversion for ``diffusion_gemma`` checkpoints with per-expert keys: the
+  family registers one (:func:`load_only_weight_converter`), where a DiffusionGemma is loaded or prepared, never
+  at import.
+
+Nothing here replaces another library's function or class attribute for the whole process: the attention probe
+uses a scoped ``TorchFunctionMode``, and the command line's progress bars use tqdm's ``TQDM_DISABLE`` and the
+libraries' public switches (``cli/console.py``), not an edit of tqdm's class.
 """
 
 from __future__ import annotations
@@ -299,30 +315,6 @@ def move_child_first(module: torch.nn.Module, name: str) -> None:
         delattr(module, child_name)
     for child_name, child in sorted(children, key=lambda item: item[0] != name):
         setattr(module, child_name, child)
-
-
-@contextlib.contextmanager
-def editing_tqdm_bars(edit) -> Iterator[None]:
-    """Call ``edit(kwargs, desc)`` before every tqdm bar is created, in every library, while active.
-
-    tqdm 4.x: every library's bar derives from ``tqdm.std.tqdm``, and its ``TQDM_DISABLE`` variable is read at
-    import, too late for a command that decides per phase; ``tqdm.std.tqdm.__init__`` is the one place.
-    """
-    from tqdm import std
-
-    descriptor = std.tqdm.__dict__["__init__"]  # restored exactly (tqdm defines it through partialmethod)
-    original = std.tqdm.__init__
-
-    @functools.wraps(original)
-    def init(self, *args, **kwargs):
-        edit(kwargs, str(kwargs.get("desc") or (args[1] if len(args) > 1 else "") or ""))
-        original(self, *args, **kwargs)
-
-    std.tqdm.__init__ = init
-    try:
-        yield
-    finally:
-        std.tqdm.__init__ = descriptor
 
 
 @contextlib.contextmanager

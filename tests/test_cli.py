@@ -88,7 +88,7 @@ def test_run_writes_a_complete_checkpoint(capsys, dlm_path, text_file, tmp_path)
     # progress bars (with their rates) and INFO logs went to stderr, not into the results
     assert "Sink trajectory" in err and ("it/s" in err or "s/sample" in err)
     assert "INFO" in err and "INFO" not in out
-    assert "Calibrating layers" in err and "(1/3): Calibrating" not in err, "one bar for the layers"
+    assert "(1/3): Calibrating" in err, "llm-compressor's own bars are shown by default, as it draws them"
     assert "METRIC" not in err and "Sparsifying" not in err, "llm-compressor's per-module lines need --verbose"
     assert ".partial-" not in err, "staging paths stay out of the logs"
 
@@ -338,3 +338,26 @@ def test_demo_refuses_a_non_empty_output(capsys, tmp_path):
     (tmp_path / "x").write_text("mine")
     code, _, err = run_cli(capsys, "demo", "--quick", "--output", tmp_path)
     assert code == 1 and "is not empty; pass --overwrite" in err
+
+
+def test_quiet_switches_tqdm_off_through_its_environment_for_the_command_only(monkeypatch):
+    """``--quiet`` sets ``TQDM_DISABLE`` (read by tqdm at its first import, under ``sink-prune``) while the command
+    runs and puts back what was there; tqdm's class is never edited."""
+    from tqdm import std
+    from transformers.utils import logging as hf_logging
+
+    from sink_modifier.cli import console
+
+    init = std.tqdm.__dict__["__init__"]
+    assert hf_logging.is_progress_bar_enabled()
+    for before in (None, "0"):
+        if before is None:
+            monkeypatch.delenv("TQDM_DISABLE", raising=False)
+        else:
+            monkeypatch.setenv("TQDM_DISABLE", before)
+        with console.bars_off_before_import(True), console.progress_bars(False):
+            assert os.environ["TQDM_DISABLE"] == "1"
+            assert std.tqdm.__dict__["__init__"] is init and not hf_logging.is_progress_bar_enabled()
+        assert os.environ.get("TQDM_DISABLE") == before and hf_logging.is_progress_bar_enabled()
+    with console.bars_off_before_import(False):
+        assert os.environ.get("TQDM_DISABLE") == "0"

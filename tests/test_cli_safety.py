@@ -301,7 +301,7 @@ def test_version_and_help_answer_without_importing_torch_or_llm_compressor():
 
 
 def test_default_and_quiet_runs_of_the_bundled_dlm_fit_on_a_screen(tmp_path):
-    """Real processes, as a user sees them: at most 25 lines by default, at most 3 with --quiet, and stdout
+    """Real processes, as a user sees them: at most 30 lines by default, at most 4 with --quiet, and stdout
     holds only the summary (llm-compressor's import-time "No accelerator" line included)."""
     dlm = bundled_dlm()
     from sink_modifier.cli.demo import CALIBRATION_TEXT
@@ -319,7 +319,12 @@ def test_default_and_quiet_runs_of_the_bundled_dlm_fit_on_a_screen(tmp_path):
         assert out.startswith("Pruned dlm in ") and out.count("\n") == 3, out
         lines[mode] = (out + err).count("\n")  # a bar's updates end in "\r": they redraw one line
         assert ".partial-" not in err
-    assert lines["default"] <= 25 and lines["quiet"] <= 3, lines
+    # default: every library's bars as drawn, llm-compressor's two per decoder layer (6 here) included;
+    # quiet: the summary, plus compressed-tensors' "Dispatching model" bar while saving (it passes its own
+    # disable= and has no switch: docs/cli.md)
+    assert lines["default"] <= 30 and lines["quiet"] <= 4, lines
+    quiet_err = err  # the last run
+    assert "Sink trajectory" not in quiet_err and "Calibrating" not in quiet_err, "bars with -q"
 
 
 # --------------------------------------------------------------------------- 10. surprises made visible

@@ -269,7 +269,9 @@ def run_trajectory(
         with probe, routed_experts_only():
             names = list(probe.layer_names)
             result.layer_names, result.reported_layer_names = family.attention.split_layers(names)
-            for index in tqdm(range(len(samples)), desc="Sink trajectory", disable=not progress, unit="sample"):
+            # disable is passed only to switch the bar off, so tqdm's own TQDM_DISABLE (sink-prune -q) applies too
+            for index in tqdm(range(len(samples)), desc="Sink trajectory", unit="sample",
+                              **({} if progress else {"disable": True})):
                 if single_pass:
                     tokens = samples[index]
                     states, masses = family.attention.measure_while_sampling(

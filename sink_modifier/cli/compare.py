@@ -182,7 +182,8 @@ def run_compare(config: CompareConfig) -> dict:
 
     results: dict[str, dict] = {}
     cells = _cells(config)
-    bar = tqdm(cells, desc="compare", unit="cell", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(cells, desc="compare", unit="cell", dynamic_ncols=True,  # and off under TQDM_DISABLE
+               **({} if config.progress else {"disable": True}))
     for method, sparsity, draw in bar:
         bar.set_postfix_str(f"{method} {sparsity or ''} draw {draw}".replace("  ", " "))
         start = time.perf_counter()

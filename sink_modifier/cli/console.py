@@ -10,16 +10,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from loguru import logger
 
-__all__ = ["Terminated", "command_console", "loguru_sinks", "progress_bars", "signals_as_interrupts",
-           "silent_children"]
+__all__ = ["Terminated", "bars_off_before_import", "command_console", "loguru_sinks", "progress_bars",
+           "signals_as_interrupts", "silent_children"]
 
 _LOG_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSS} | {function} | {level} - {message}"
 
@@ -68,10 +66,11 @@ def signals_as_interrupts() -> Iterator[None]:
 def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
     """What the user sees on stderr while a command runs; everything is restored on exit.
 
-    Default: this package's INFO lines, every library's warnings and errors, and one progress bar per phase.
-    ``--quiet``: this package's warnings and everyone's errors, no bars. ``--verbose``: everything,
-    llm-compressor's per-module lines (INFO and METRIC) and per-layer bars included. ``LLM_COMPRESSOR_LOG_LEVEL``
-    still sets the level for all, as it does for llm-compressor itself, and its file log is kept.
+    Default: this package's INFO lines, every library's warnings and errors, and every progress bar as its library
+    draws it (llm-compressor's two per layer included). ``--quiet``: this package's warnings and everyone's
+    errors, no bars. ``--verbose``: everything, llm-compressor's per-module lines (INFO and METRIC) included.
+    ``LLM_COMPRESSOR_LOG_LEVEL`` still sets the level for all, as it does for llm-compressor itself, and its file
+    log is kept.
     """
     import logging
     import warnings
@@ -95,7 +94,7 @@ def command_console(*, quiet: bool, verbose: bool = False) -> Iterator[None]:
     if quiet:
         logging.disable(logging.WARNING)  # every library's standard-library logger (lm-eval's, datasets')
     try:
-        with warnings.catch_warnings(), progress_bars("off" if quiet else "all" if verbose else "phases"), \
+        with warnings.catch_warnings(), progress_bars(not quiet), \
                 silent_children() if quiet else contextlib.nullcontext():
             if not verbose:
                 warnings.filterwarnings("ignore")  # libraries' notices; this package logs instead
@@ -173,50 +172,60 @@ def loguru_sinks(console, level: str | None, others: str | None = None, *, verbo
                    serialize=True, filter=llmc.support_log_once)
 
 
-# llm-compressor's sequential pipeline draws two bars per layer: "(3/7): Calibrating", "(3/7): Propagating"
-_LAYER_BAR = re.compile(r"^\((\d+)/(\d+)\): (Calibrating|Propagating)")
-_HIDDEN_BARS = ("Compressing model", "Dispatching model")  # instant bookkeeping steps of the save
+#: tqdm's own switch, read once when tqdm is first imported (``tqdm.utils.envwrap``): it acts only if set before.
+_TQDM_OFF = "TQDM_DISABLE"
 
 
 @contextlib.contextmanager
-def progress_bars(mode: str) -> Iterator[None]:
-    """``off``: no tqdm bar at all; ``phases``: one bar per phase (llm-compressor's per-layer bars become one
-    "Calibrating layers" bar); ``all``: every bar as its library draws it.
+def bars_off_before_import(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``: ``TQDM_DISABLE=1`` in the environment for the command (restored after it).
 
-    Every library's bar derives from ``tqdm.std.tqdm``; its ``TQDM_DISABLE`` variable is read at import, too late.
+    The ``sink-prune`` script parses the command line before anything imports tqdm (``cli/main.py`` is loaded by
+    file), so every library's bar is created disabled by tqdm itself, and child processes inherit it. Where tqdm
+    is imported already (``python -m sink_modifier.cli``, ``main()`` called in-process) it has read its
+    environment; ``progress_bars`` then still silences the libraries with public switches.
     """
-    if mode == "all":
+    if not quiet:
         yield
         return
-    from tqdm import std
-
-    from sink_modifier import compat
-
-    layers: dict[str, Any] = {"bar": None}
-
-    def finish_layers():
-        bar = layers.pop("bar", None)
-        layers["bar"] = None
-        if bar is not None:
-            bar.n = bar.total
-            bar.close()
-
-    def edit(kwargs: dict, desc: str) -> None:
-        layer = _LAYER_BAR.match(desc)
-        if mode == "off" or layer or desc.startswith(_HIDDEN_BARS):
-            kwargs["disable"] = True
-        if mode == "phases" and layer:
-            index, total = int(layer.group(1)), int(layer.group(2))
-            if layers["bar"] is None or layers["bar"].total != total:
-                finish_layers()
-                layers["bar"] = std.tqdm(total=total, desc="Calibrating layers", unit="layer", file=sys.stderr)
-            layers["bar"].n = index - 1
-            layers["bar"].refresh()
-        elif mode == "phases" and not desc.startswith(_HIDDEN_BARS) and not kwargs.get("disable"):
-            finish_layers()  # the next phase began
-
+    previous = os.environ.get(_TQDM_OFF)
+    os.environ[_TQDM_OFF] = "1"
     try:
-        with compat.editing_tqdm_bars(edit):
-            yield
+        yield
     finally:
-        finish_layers()
+        if previous is None:
+            os.environ.pop(_TQDM_OFF, None)
+        else:
+            os.environ[_TQDM_OFF] = previous
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Every bar as its library draws it, or (``--quiet``) none: tqdm's class is never edited.
+
+    Off: tqdm's ``TQDM_DISABLE`` (``bars_off_before_import``), plus the public switches of the libraries that
+    have one (transformers' weight loading and writing, huggingface_hub's downloads, datasets' maps), restored on
+    exit; this package's own bars (sink trajectory, compare cells) follow ``--quiet`` explicitly. llm-compressor
+    0.14 has no switch for its per-layer bars, so they are hidden only where tqdm reads ``TQDM_DISABLE`` (the
+    ``sink-prune`` script).
+    """
+    if shown:
+        yield
+        return
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    switches = [(hf_logging.is_progress_bar_enabled(), hf_logging.enable_progress_bar,
+                 hf_logging.disable_progress_bar),
+                (not hub.are_progress_bars_disabled(), hub.enable_progress_bars, hub.disable_progress_bars),
+                (datasets.is_progress_bar_enabled(), datasets.enable_progress_bars,
+                 datasets.disable_progress_bars)]
+    for _, _, disable in switches:
+        disable()
+    try:
+        yield
+    finally:
+        for enabled, enable, _ in switches:
+            if enabled:
+                enable()

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     with console.signals_as_interrupts():
         try:
             _check_model_sources(args)  # before torch is imported: a typo fails in milliseconds
-            return _run(args, console)
+            with console.bars_off_before_import(args.quiet):  # before tqdm is imported, under sink-prune
+                return _run(args, console)
         except KeyboardInterrupt as stop:
             if args.debug:
                 raise
