@@ -214,15 +214,16 @@ def mount_tmpfs(path: Path, size: str) -> bool:
         return False
 
 
-def test_a_full_disk_while_writing_the_weights_is_one_line(capsys, dlm_path, text_file, tmp_path):
+def test_a_full_disk_while_writing_the_weights_is_one_line(dlm_path, text_file, tmp_path):
     """A real 1 MiB tmpfs: the weights (several MB) do not fit; the write that failed is named, the output is
     absent and the volume is as it was."""
     volume = tmp_path / "small"
     if not mount_tmpfs(volume, "1m"):
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN)")
-    try:
-        code, out, err = run_main(capsys, "run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, *SMALL,
-                                  "-o", volume / "out", "-q")
+    try:  # the script, as users run it: -q's TQDM_DISABLE is set before tqdm is imported (not so in-process)
+        done = sink_prune("run", dlm_path, "--recipe", RECIPE, "--text-file", text_file, *SMALL,
+                          "-o", volume / "out", "-q", timeout=300)
+        code, out, err = done.returncode, done.stdout, done.stderr
         one_line(err, code, 1, f"cannot write {volume / 'out'}", "No space left on device")
         assert os.listdir(volume) == [] and out == ""
     finally:

@@ -426,7 +426,7 @@ def _eval_tasks(args: argparse.Namespace) -> int:
                   "seed": 0 if args.seed is None else args.seed}
     try:
         lm = DiffusionLM(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                         device=args.device, **model_args)
+                         device=args.device, progress=not args.quiet, **model_args)
         results = evaluate_tasks(lm, tasks, include_path=args.include_path, limit=limit,
                                  num_fewshot=args.num_fewshot)
     except (UnsupportedModel, KeyError) as error:

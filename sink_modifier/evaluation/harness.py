@@ -66,7 +66,8 @@ class DiffusionLM(TemplateLM):
 
     ``pretrained``: a path or Hub id, or an already loaded model (then pass ``tokenizer``). ``mc_samples``: noise
     levels per loglikelihood request (and ELBO samples per rolling request). ``gen_steps`` (default: one token per
-    step) and ``gen_block_length`` drive the masked sampler.
+    step) and ``gen_block_length`` drive the masked sampler. ``progress=False``: no progress bar (lm-eval's
+    passes ``disable=`` itself, so tqdm's ``TQDM_DISABLE`` does not reach it).
     """
 
     # Not "causal": context and continuation are tokenized separately, so the scored tokens are exactly the
@@ -79,6 +80,7 @@ class DiffusionLM(TemplateLM):
         trust_remote_code: bool = False,
         max_length: int | None = None, max_gen_toks: int = 256, gen_steps: int | None = None,
         gen_block_length: int = 32, mask_token_id: int | None = None, max_batch_size: int | None = None,
+        progress: bool = True,
     ):
         super().__init__()
         if int(mc_samples) < 1:
@@ -101,6 +103,7 @@ class DiffusionLM(TemplateLM):
         self.model, self.tokenizer = pretrained, tokenizer
         self._device = next(self.model.parameters()).device
         self.mc_samples, self.seed = int(mc_samples), int(seed)
+        self.progress = bool(progress)  # False: no bar of lm-eval's or ours (sink-prune eval -q)
         self.batch_size = self._batch_size(batch_size)
         self.max_gen_toks, self.gen_steps = int(max_gen_toks), gen_steps
         self.gen_block_length = int(gen_block_length)
@@ -176,9 +179,13 @@ class DiffusionLM(TemplateLM):
         return bos + context[len(context) - (keep - len(bos)):]
 
     def _progress(self, total: int, desc: str, disable: bool) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=disable or self.rank != 0)
+        return tqdm(total=total, desc=desc, disable=disable or not self.progress or self.rank != 0)
 
     # ---- loglikelihood -------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's (it tokenizes, then calls ``_loglikelihood_tokens``), its bar off without ``progress``."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         if self.scoring.likelihood is None:
@@ -253,7 +260,7 @@ class DiffusionLM(TemplateLM):
             self._loglikelihood_tokens([])  # the same refusal
         results = []
         for (text,) in tqdm([req.args for req in requests], desc="diffusion_lm rolling loglikelihood",
-                            disable=disable_tqdm or self.rank != 0):
+                            disable=disable_tqdm or not self.progress or self.rank != 0):
             if not text:
                 results.append(0.0)
                 continue
