@@ -140,7 +140,7 @@ def test_sampler_trajectory_through_oneshot(diffusion_gemma_path, tmp_path):
         sequence = model.generate(torch.tensor([[2, 10, 11, 12]]), max_new_tokens=8).sequences
         assert sequence.shape == (1, 12)
         report = json.loads((out / "sink_report.json").read_text())
-        assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"
+        assert report["family"] == "diffusion_gemma" and report["trajectory"] == "sampler"
         assert report["layers"] == ["model.decoder.layers.0.self_attn", "model.decoder.layers.1.self_attn"]
         assert len(report["reported_layers"]) == 2  # the encoder's attention, reported separately
         for sample in report["samples"]:
@@ -268,7 +268,7 @@ def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, cap
     out = capsys.readouterr().out
     assert code == 0 and "DiffusionGemmaForBlockDiffusion.from_pretrained" in out
     report = json.loads((output / "sink_report.json").read_text())
-    assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"
+    assert report["family"] == "diffusion_gemma" and report["trajectory"] == "sampler"
 
 
 def test_quantization_only_recipe_saves_through_the_diffusion_pipeline(diffusion_gemma_path, tmp_path):

@@ -68,7 +68,7 @@ def test_recipe_roundtrip(dlm_path, tmp_path, recipe, pipeline):
         assert not torch.equal(weight, dense[name])
 
     report = json.loads((out / "sink_report.json").read_text())
-    assert report["adapter"] == "masked"
+    assert report["family"] == "masked"
     assert report["num_samples"] == 8
     assert report["num_states"] == 8 * sink.noise_levels
     assert set(report["aggregate"]) >= {"spatial_variance", "centroid_temporal_variance"}
@@ -129,8 +129,8 @@ def test_autoregressive_control_has_stable_sinks(dlm_path, ar_path):
         modifier = SinkAwarePruningModifier(sparsity=0.5)
         oneshot(model=load_model(path), dataset=calibration_dataset(path), recipe=[modifier])
         reports[name] = modifier.report
-    assert reports["ar"]["adapter"] == "autoregressive"
-    assert reports["dlm"]["adapter"] == "masked"
+    assert reports["ar"]["family"] == "autoregressive"
+    assert reports["dlm"]["family"] == "masked"
     ar, dlm = (reports[k]["aggregate"]["dominant_sink_variance"]["mean"][0] for k in ("ar", "dlm"))
     assert ar == 0.0  # the first token dominates every decoding step
     assert dlm > ar

@@ -77,7 +77,7 @@ def test_autoregressive_sampler_decodes_greedily(ar_path):
     assert torch.equal(states[0].input_ids[:10], tokens[:10])
     modifier = SinkAwarePruningModifier(sparsity=0.5, trajectory="sampler", sampler_steps=5)
     oneshot(model=model, dataset=calibration_dataset(ar_path), recipe=[modifier])
-    assert modifier.report["adapter"] == "autoregressive"
+    assert modifier.report["family"] == "autoregressive"
     assert modifier.report["aggregate"]["dominant_sink_variance"]["mean"] == [0.0]
 
 
