@@ -141,16 +141,45 @@ def test_ar_twin_scores_exact_next_token_likelihood_and_generates(ar) -> None:
     assert text == lm._stop(reference[0, ids.shape[1]:], [])
 
 
-def test_rolling_loglikelihood_is_the_elbo(dlm) -> None:
-    from sink_modifier.evaluation.perplexity import elbo_perplexity
+def test_rolling_loglikelihood_is_the_elbo_of_every_window_by_hand(dlm) -> None:
+    """The harness's whole-text score against the bound computed from direct forwards: its windows of
+    ``max_length`` tokens (each restarting from BOS), its mask id, MC samples and seed, and the sign and scale
+    lm-eval expects (a log-likelihood in nats of the whole text, averaged over MC samples). An empty text
+    scores 0."""
+    from sink_modifier.evaluation import perplexity
 
     model, tokenizer = dlm
-    text = "In the beginning God created the heaven and the earth."
-    lm = DiffusionLM(model, tokenizer, mc_samples=4)
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    lm = DiffusionLM(model, tokenizer, mc_samples=3, seed=5, max_length=12)
+    [score, empty] = lm.loglikelihood_rolling([_request(text), _request("")], disable_tqdm=True)
+    bos = model.config.bos_token_id
+    ids = tokenizer(text)["input_ids"]
+    ids = ids if ids[0] == bos else [bos, *ids]
+    windows = [torch.tensor([bos, *ids[1:][i : i + 11]]) for i in range(0, len(ids) - 1, 11)]
+    assert len(windows) >= 2 and all(len(w) <= 12 for w in windows)
+    total = 0.0
+    for _, j, t, masked in perplexity._noise(windows, 3, 5, bos):
+        clean = windows[j]
+        noisy = torch.where(masked, torch.full_like(clean, lm.mask_token_id), clean)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=noisy[None]).logits[0].double(), dim=-1)
+        total += float(-logp[masked, clean[masked]].sum() / t)
+    assert lm.mask_token_id == 4
+    assert score == pytest.approx(-total / 3, rel=1e-5)
+    assert empty == 0.0
+
+
+def test_rolling_loglikelihood_of_the_ar_twin_is_its_exact_likelihood(ar) -> None:
+    model, tokenizer = ar
+    text = "And Jacob went on his way, and the angels of God met him."
+    lm = DiffusionLM(model, tokenizer)
     [score] = lm.loglikelihood_rolling([_request(text)], disable_tqdm=True)
-    result = elbo_perplexity(model, [text], tokenizer=tokenizer, mask_token_id=4, num_mc_samples=4,
-                             max_length=512)
-    assert score == pytest.approx(-result.nll_per_token * result.num_tokens, rel=1e-9)
+    bos = model.config.bos_token_id
+    ids = tokenizer(text)["input_ids"]
+    tokens = torch.tensor(ids if ids[0] == bos else [bos, *ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=tokens[None, :-1]).logits[0].double(), dim=-1)
+    assert score == pytest.approx(float(logp[torch.arange(len(tokens) - 1), tokens[1:]].sum()), rel=1e-6)
 
 
 def test_refusal_is_one_line(diffusion_gemma_path, capsys) -> None:
