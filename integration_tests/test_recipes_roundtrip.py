@@ -21,6 +21,7 @@ RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml
                  if not p.stem.startswith(("diffusiongemma", "sink_structured"))  # DiffusionGemma: its own test
                  and "experts" not in p.stem)  # needs an MoE: test_expert_pruning.py
 STRUCTURED_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("sink_structured*.yaml"))
+pytestmark = pytest.mark.slow  # a real oneshot, save and reload per recipe and pipeline
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -45,6 +45,7 @@ def test_sampler_trajectory_is_reproducible(dlm_path):
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.slow
 def test_sampler_trajectory_through_oneshot(dlm_path, tmp_path, pipeline):
     weights = []
     for run in range(2):

@@ -182,6 +182,7 @@ def start_run(dlm_path, text_file, output: Path, *extra: str) -> tuple[subproces
     raise AssertionError(f"no staging directory appeared: {process.communicate()}")
 
 
+@pytest.mark.slow
 def test_sigterm_sigkill_and_a_second_run_into_the_same_output(capsys, dlm_path, text_file, tmp_path):
     """SIGTERM (Slurm, docker stop) cleans up like Ctrl-C and leaves the --overwrite target intact; a second run
     fails at once naming the first; SIGKILL (the OOM killer) leaves staging and lock behind, and the next run
@@ -304,6 +305,7 @@ def test_version_and_help_answer_without_importing_torch_or_llm_compressor():
         assert first == "sink-prune 0.1.0" if arg == "--version" else first.startswith("usage: sink-prune")
 
 
+@pytest.mark.slow
 def test_default_and_quiet_runs_of_the_bundled_dlm_fit_on_a_screen(tmp_path):
     """Real processes, as a user sees them: at most 25 lines by default, at most 3 with --quiet, and stdout
     holds only the summary (llm-compressor's import-time "No accelerator" line included)."""

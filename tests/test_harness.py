@@ -70,12 +70,14 @@ def test_task_data_is_what_the_script_builds() -> None:
         assert sorted(item["label"] for item in group) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dense_dlm_scores_above_chance_reproducibly(dlm, dense_cloze) -> None:
     accuracy, gold = dense_cloze
     assert accuracy >= 0.5  # chance is 0.25
     assert _cloze(*dlm) == (accuracy, gold)  # bit-identical: the masks depend on the seed and the tokens only
 
 
+@pytest.mark.slow
 def test_magnitude_pruned_dlm_scores_the_answers_lower(dlm, dense_cloze) -> None:
     model, tokenizer = dlm
     pruned = copy.deepcopy(model)
@@ -192,6 +194,7 @@ def test_refusal_is_one_line(diffusion_gemma_path, capsys) -> None:
         DiffusionLM(torch.nn.Linear(1, 1), object(), mc_samples=0)
 
 
+@pytest.mark.slow
 def test_cli_prints_lm_evals_table(capsys) -> None:
     dlm = str(bundled_model_path("dlm"))
     assert main(["eval", dlm, "--tasks", "bundled_cloze", "--limit", "4", "--num-mc-samples", "1", "-q"]) == 0
@@ -199,6 +202,7 @@ def test_cli_prints_lm_evals_table(capsys) -> None:
     assert "|bundled_cloze|" in out and "|acc   |" in out and out.startswith("diffusion_lm (dlm, masked")
 
 
+@pytest.mark.slow
 def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     """``python -m sink_modifier.evaluation.harness`` with lm-eval's own flags, offline, from another directory."""
     dlm = bundled_model_path("dlm")
@@ -211,6 +215,7 @@ def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     assert "|bundled_cloze|" in done.stdout and "diffusion_lm" in done.stdout
 
 
+@pytest.mark.slow
 def test_diffusion_gemma_generates_through_its_own_generate(diffusion_gemma_path) -> None:
     lm = DiffusionLM(*load_model(str(diffusion_gemma_path), dtype="float32"))
     assert lm.family == "diffusion_gemma"
