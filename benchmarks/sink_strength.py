@@ -104,13 +104,13 @@ def activation_stats(model: torch.nn.Module, result, layers: dict[str, torch.nn.
 def measure(path: Path, texts: list[str], args) -> dict:
     model = load(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    adapter = families.resolve(model)
+    family = families.resolve(model)
     samples = [torch.tensor(tokenizer(t, truncation=True, max_length=args.max_seq_length)["input_ids"])
                for t in texts[: args.num_samples]]
     settings = TrajectorySettings(sink_scope="layer", trajectory="forward_noise", noise_levels=args.noise_levels,
                                   seed=args.seed)
     started = time.time()
-    result = run_trajectory(model, adapter, samples, settings, progress=False)
+    result = run_trajectory(model, family, samples, settings, progress=False)
     layers = {f"layer {i}": layer for i, layer in enumerate(base_model(model).layers)}
     if len(layers) != len(result.layer_names):
         raise SystemExit(f"{len(result.layer_names)} attention layers for {len(layers)} decoder layers")
@@ -118,8 +118,8 @@ def measure(path: Path, texts: list[str], args) -> dict:
                    for name, (sparsity, structure) in SETTINGS.items()}
     activations = activation_stats(model, result, layers)
     eval_texts = load_eval_slice()[: args.eval_documents]
-    if adapter.name == "masked":
-        elbo = elbo_perplexity(model, eval_texts, tokenizer=tokenizer, mask_token_id=adapter.noise.mask_token_id,
+    if family.name == "masked":
+        elbo = elbo_perplexity(model, eval_texts, tokenizer=tokenizer, mask_token_id=family.noise.mask_token_id,
                                num_mc_samples=4, seed=0, max_length=128, batch_size=32)
     else:  # a causal control (the AR twin): exact NLL, its states are decoded prefixes
         elbo = ar_perplexity(model, eval_texts, tokenizer=tokenizer, max_length=128, batch_size=32)
@@ -136,7 +136,7 @@ def measure(path: Path, texts: list[str], args) -> dict:
             **activations[index],
         })
     return {
-        "path": str(path), "architecture": type(model).__name__, "adapter": adapter.name,
+        "path": str(path), "architecture": type(model).__name__, "family": family.name,
         "parameters": sum(p.numel() for p in model.parameters()),
         "samples": len(samples), "tokens": sum(len(s) for s in samples), "states": sum(len(s.states) for s in
                                                                                          result.samples),

@@ -332,10 +332,10 @@ def sink_statistics(model, tokenizer, samples: torch.Tensor) -> dict:
     (bidirectional) or H_T/T for position 0 (causal: early keys are seen by more queries).
     """
     model.eval()
-    adapter = families.resolve(model)
+    family = families.resolve(model)
     settings = TrajectorySettings()
-    result = run_trajectory(model, adapter, list(samples), settings, progress=False)
-    report = result.report(settings, adapter.name)
+    result = run_trajectory(model, family, list(samples), settings, progress=False)
+    report = result.report(settings, family.name)
     sink_tokens: dict[str, int] = {}
     bos_is_sink = 0
     for sample in result.samples:
@@ -346,7 +346,7 @@ def sink_statistics(model, tokenizer, samples: torch.Tensor) -> dict:
             sink_tokens[token] = sink_tokens.get(token, 0) + 1
     length = samples.shape[1]
     states = {"clean": samples}
-    if adapter.name == "masked":
+    if family.name == "masked":
         generator = torch.Generator().manual_seed(0)
         half = torch.rand(samples.shape, generator=generator) < 0.5
         half[:, 0] = False
@@ -359,10 +359,10 @@ def sink_statistics(model, tokenizer, samples: torch.Tensor) -> dict:
             share = mass / mass.sum(dim=-1, keepdim=True)
             shares[name] = {"bos": share[:, :, 0].mean(0).tolist(),
                             "top_other": share[:, :, 1:].max(dim=-1).values.mean(0).tolist()}
-    uniform = 1 / length if adapter.name == "masked" else sum(1 / (q + 1) for q in range(length)) / length
+    uniform = 1 / length if family.name == "masked" else sum(1 / (q + 1) for q in range(length)) / length
     aggregate = report["aggregate"]
     return {
-        "adapter": adapter.name,
+        "family": family.name,
         "num_samples": len(result.samples),
         "sample_length": length,
         "attention_share": shares,
@@ -376,7 +376,7 @@ def sink_statistics(model, tokenizer, samples: torch.Tensor) -> dict:
 
 
 def print_sinks(kind: str, stats: dict) -> None:
-    print(f"[{kind}] sinks over {stats['num_samples']} windows ({stats['adapter']} trajectory): "
+    print(f"[{kind}] sinks over {stats['num_samples']} windows ({stats['family']} trajectory): "
           f"{stats['num_sinks']:.2f} sinks/sample, {stats['num_unstable_sinks']:.2f} unstable, "
           f"BOS a sink in {100 * stats['samples_with_bos_sink']:.0f}% of samples; "
           f"sink tokens {stats['sink_tokens']}")

@@ -32,6 +32,7 @@ def big_dataset() -> Dataset:
 
 @pytest.mark.parametrize("shuffle", [True, False], ids=["shuffled", "ordered"])
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.slow
 def test_exactly_num_calibration_samples(dlm_path, monkeypatch, pipeline, shuffle):
     model = load_model(dlm_path)
     calls: Counter = Counter()

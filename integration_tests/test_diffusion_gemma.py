@@ -140,7 +140,7 @@ def test_sampler_trajectory_through_oneshot(diffusion_gemma_path, tmp_path):
         sequence = model.generate(torch.tensor([[2, 10, 11, 12]]), max_new_tokens=8).sequences
         assert sequence.shape == (1, 12)
         report = json.loads((out / "sink_report.json").read_text())
-        assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"
+        assert report["family"] == "diffusion_gemma" and report["trajectory"] == "sampler"
         assert report["layers"] == ["model.decoder.layers.0.self_attn", "model.decoder.layers.1.self_attn"]
         assert len(report["reported_layers"]) == 2  # the encoder's attention, reported separately
         for sample in report["samples"]:
@@ -162,6 +162,7 @@ def test_sampler_trajectory_through_oneshot(diffusion_gemma_path, tmp_path):
         assert torch.equal(tensor == 0, second[name] == 0), name
 
 
+@pytest.mark.slow
 def test_fp8_recipe_reloads_experts_exactly(diffusion_gemma_path, tmp_path):
     """The shipped recipe: 2:4 + FP8_DYNAMIC, per-expert FP8 keys fused back by from_pretrained, bit for bit."""
     out = tmp_path / "fp8"
@@ -256,6 +257,7 @@ def test_sparsegpt_refuses_hessians_that_cannot_fit(diffusion_gemma_path, tmp_pa
                     [SinkAwarePruningModifier(sparsity=0.5, method="sparsegpt", noise_levels=2)])
 
 
+@pytest.mark.slow
 def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, capsys):
     """`sink-prune run` picks DiffusionGemma's model class and the diffusion pipeline by itself."""
     from sink_modifier.cli.main import main
@@ -268,9 +270,10 @@ def test_command_line_prunes_diffusion_gemma(diffusion_gemma_path, tmp_path, cap
     out = capsys.readouterr().out
     assert code == 0 and f"load with import sink_modifier; sink_modifier.load_model({str(output)!r})" in out
     report = json.loads((output / "sink_report.json").read_text())
-    assert report["adapter"] == "diffusion_gemma" and report["trajectory"] == "sampler"
+    assert report["family"] == "diffusion_gemma" and report["trajectory"] == "sampler"
 
 
+@pytest.mark.slow
 def test_quantization_only_recipe_saves_through_the_diffusion_pipeline(diffusion_gemma_path, tmp_path):
     """Without a SinkAwarePruningModifier the pipeline still ties the streams and saves each weight once."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -330,6 +333,7 @@ def test_wrong_inputs_are_refused_with_what_to_change(diffusion_gemma_path, dlm_
         families.resolve(load_model(dlm_path), "diffusion_gemma")
 
 
+@pytest.mark.slow
 def test_generate_is_measured_in_its_own_forwards(diffusion_gemma_path):
     """One decoder forward per state and one encoder forward per canvas; the masses equal a second pass that
     re-encodes each state's whole prefix (chunked causal prefill is exact)."""

@@ -53,6 +53,7 @@ def test_two_ranks_prune_like_one(dlm_path, tmp_path, method, pipeline):
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.slow
 def test_two_ranks_shrink_like_one(dlm_path, tmp_path, pipeline):
     """Structured statistics are reduced across ranks: both ranks keep the units one process keeps."""
     from sink_modifier import SinkAwareStructuredPruningModifier

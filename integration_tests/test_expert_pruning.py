@@ -48,6 +48,7 @@ def decoder_logits(model) -> torch.Tensor:
         return model.model(input_ids=PROBE[:, :4], decoder_input_ids=PROBE[:, 4:]).last_hidden_state
 
 
+@pytest.mark.slow
 def test_experts_removed_from_both_streams_and_reloaded_without_this_package(moe_path, tmp_path):
     dense = load(moe_path)
     modifier = SinkAwareExpertPruningModifier(sparsity=0.25, noise_levels=2)
@@ -95,6 +96,7 @@ def test_experts_removed_from_both_streams_and_reloaded_without_this_package(moe
     torch.testing.assert_close(torch.load(tmp_path / "reloaded.pt"), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_routed_tokens_and_all_experts_give_the_same_choice(moe_path):
     """llm-compressor's all-experts flag changes which rows each expert computes, not the saliency."""
     choices = []
@@ -107,6 +109,7 @@ def test_routed_tokens_and_all_experts_give_the_same_choice(moe_path):
         torch.testing.assert_close(torch.tensor(record["saliency"]), torch.tensor(choices[1][name]["saliency"]))
 
 
+@pytest.mark.slow
 def test_with_weight_pruning_in_the_same_recipe(moe_path, tmp_path):
     """Experts are scored and removed while Wanda prunes the kept ones, on the same states."""
     out = tmp_path / "both"
@@ -133,6 +136,7 @@ def test_refused_before_calibration(moe_path, kwargs, message):
         prune(moe_path, None, [SinkAwareExpertPruningModifier(sparsity=sparsity)], **kwargs)
 
 
+@pytest.mark.slow
 def test_the_shipped_expert_recipe(moe_path, tmp_path):
     recipe = Path(__file__).parents[1] / "recipes" / "sink_experts_25_wanda_50.yaml"
     prune(moe_path, tmp_path / "out", str(recipe))

@@ -15,6 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experts.py"
 
 
 @requires_published_moe_code
+@pytest.mark.slow
 def test_experts_quick_prints_one_row_per_model(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-docs", "--workdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=900)

@@ -73,6 +73,7 @@ def test_the_observed_routing_is_the_routing_the_block_used(published_moe):
 
 
 @pytest.mark.parametrize("with_experts", [True, False], ids=["experts+weights", "weights"])
+@pytest.mark.slow
 def test_pruned_and_reloaded_with_its_own_code(published_moe, with_experts, tmp_path):
     name, path = published_moe
     dense = load(path)
@@ -128,6 +129,7 @@ print(json.dumps({"exact": exact, "logits_difference": float((got - torch.load(s
 """
 
 
+@pytest.mark.slow
 def test_sink_prune_run_never_asks_to_run_custom_code(published_moe, tmp_path):
     name, path = published_moe
     text = tmp_path / "text.txt"
@@ -174,6 +176,7 @@ def test_llada2_pruned_on_its_own_sampler_states(tmp_path):
     assert generated.shape[1] <= 8
 
 
+@pytest.mark.slow
 def test_scored_by_sink_prune_eval_and_the_lm_eval_model(published_moe, tmp_path):
     from types import SimpleNamespace
 

@@ -29,8 +29,17 @@ def one_line(error: Exception) -> str:
     from pydantic import ValidationError
 
     if isinstance(error, ValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or error.title}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or error.title}: {_problem(e)}"
+                             for e in error.errors())
         return f"invalid {error.title}: {problems}"
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def _problem(detail: dict) -> str:
+    """One pydantic error; a key the model does not have (a typo, or a field removed before 1.0 such as
+    ``adapter``) says so in words a recipe's author recognises."""
+    if detail["type"] == "extra_forbidden":
+        return "unknown field; check its spelling (docs/recipes.md lists the sink-aware modifiers' fields)"
+    return detail["msg"]

@@ -75,6 +75,7 @@ def test_twins_share_config_and_tokenizer(dlm, ar, tokenizer) -> None:
     assert families.resolve(ar).name == "autoregressive"
 
 
+@pytest.mark.slow
 def test_dlm_elbo_on_the_eval_slice_is_unchanged(dlm, tokenizer) -> None:
     result = elbo_perplexity(dlm, load_eval_slice()[:SLICE_DOCS], tokenizer=tokenizer,
                              mask_token_id=tokenizer.mask_token_id, num_mc_samples=MC_SAMPLES, seed=0,
@@ -90,12 +91,14 @@ def test_ar_perplexity_on_the_eval_slice_is_unchanged(ar, tokenizer) -> None:
     assert result.nll_per_token == pytest.approx(EXPECTED_AR_NLL, abs=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_perplexity_picks_the_estimator(dlm, ar, tokenizer) -> None:
     texts = load_eval_slice()[:1]
     assert perplexity(dlm, texts, tokenizer=tokenizer, num_mc_samples=2).num_mc_samples == 2
     assert perplexity(ar, texts, tokenizer=tokenizer).num_mc_samples == 0
 
 
+@pytest.mark.slow
 def test_dense_dlm_samples_deterministically(dlm, tokenizer) -> None:
     prompt = torch.tensor(tokenizer("And God said unto Moses,")["input_ids"])
     kwargs = dict(answer_length=16, steps=8, num_blocks=2, mask_token_id=tokenizer.mask_token_id)

@@ -207,6 +207,7 @@ def inspected(dlm_path, ar_path, text_file, tmp_path_factory) -> tuple[Path, str
     return output, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_inspect_writes_report_pictures_and_html(inspected, dlm_path, ar_path):
     output, out, err = inspected
     assert sorted(p.name for p in output.iterdir()) == sorted(
@@ -257,6 +258,7 @@ def test_quiet_silences_progress_and_info(inspected):
     assert "| INFO -" not in err
 
 
+@pytest.mark.slow
 def test_report_html_renders_in_chromium(inspected, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:

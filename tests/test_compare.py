@@ -145,6 +145,7 @@ def test_comparisons_include_the_random_control():
                                         ("sink_wanda_all", "sink_wanda_random")]
 
 
+@pytest.mark.slow
 def test_ablation_equals_plain_wanda_on_the_noised_states(dlm_path):
     """``sink_selection: none`` (the compare ablation) prunes exactly what llm-compressor's own Wanda prunes when
     it calibrates on the same noised states of a DLM."""

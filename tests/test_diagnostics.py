@@ -76,6 +76,7 @@ def test_a_planted_massive_activation_sink_moves_many_decisions():
     assert quiet["moved_decisions"] < found["moved_decisions"]
 
 
+@pytest.mark.slow
 def test_bundled_dlm_moves_few_decisions():
     from sink_modifier.bundled import bundled_model_path, load_eval_slice
     from sink_modifier.loading.checkpoints import load_model_and_tokenizer

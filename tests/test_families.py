@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 from llmcompressor import oneshot
+from pydantic import ValidationError
 
 from conftest import calibration_dataset, load_model
-from sink_modifier import SinkAwarePruningModifier, families
+from sink_modifier import SinkAwarePruningModifier, SinkAwareStructuredPruningModifier, families
 from sink_modifier.families import (
     AttentionMeasurement,
     CalibrationLayout,
@@ -95,15 +96,6 @@ def test_recipes_name_families_and_refuse_unknown_ones():
     assert SinkAwarePruningModifier(family="masked").family == "masked"
 
 
-def test_the_old_adapter_field_is_read_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="rename it to 'family'"):
-        modifier = SinkAwarePruningModifier(adapter="autoregressive")
-    assert modifier.family == "autoregressive"
-    assert "adapter" not in yaml.safe_dump(modifier.model_dump())
-    with pytest.raises(ValueError, match="disagree"):
-        SinkAwarePruningModifier(adapter="masked", family="autoregressive")
-
-
 def test_noise_level_is_the_share_still_to_denoise_in_every_family(dlm_path):
     """1 at the start of generation, falling to 0: masked states by mask rate, AR states by undecoded share."""
     tokens = torch.arange(5, 25)
@@ -127,13 +119,21 @@ def test_masked_states_never_mask_bos_or_padding_unless_the_recipe_says_so(dlm_p
     assert (everything.noise.forward_noise_states(tokens, levels=1, eps=0, seed=0)[0].input_ids == MASK_ID).all()
 
 
-def test_recipes_saved_by_the_previous_version_still_parse():
-    """recipe.yaml next to a 0.1 checkpoint: ``adapter`` and llm-compressor's pruning fields, all set."""
-    saved = {"sparsity": 0.5, "sparsity_profile": None, "mask_structure": "2:4", "owl_m": None, "owl_lmbda": None,
-             "sequential_update": True, "targets": ["Gemma3DecoderLayer"], "ignore": [], "adapter": "masked",
-             "method": "wanda", "noise_levels": 4}
-    with pytest.warns(DeprecationWarning):
-        modifier = SinkAwarePruningModifier(**saved)
-    assert (modifier.family, modifier.mask_structure) == ("masked", "2:4")
-    with pytest.raises(ValueError, match="not supported"):
-        SinkAwarePruningModifier(owl_m=5)
+@pytest.mark.parametrize("field", ["adapter: masked", "owl_m: 5", "owl_lmbda: 0.08", "sequential_update: true"])
+def test_fields_removed_before_release_are_refused_by_name(field):
+    """0.1's ``adapter`` (now ``family``) and llm-compressor's OWL / ``sequential_update`` fields, which this
+    modifier never used: a recipe that still carries one names the field instead of running without it."""
+    key = field.split(":")[0]
+    for modifier in (SinkAwarePruningModifier, SinkAwareStructuredPruningModifier):
+        with pytest.raises(ValidationError, match=rf"{key}\n  Extra inputs are not permitted"):
+            modifier(**yaml.safe_load(field))
+
+
+def test_a_saved_recipe_parses_back_to_the_same_modifier():
+    """recipe.yaml next to a checkpoint holds ``model_dump()``: it must parse back to the same settings."""
+    modifier = SinkAwarePruningModifier(family="masked", mask_structure="2:4", noise_levels=4)
+    again = SinkAwarePruningModifier(**yaml.safe_load(yaml.safe_dump(modifier.model_dump())))
+    assert again.model_dump() == modifier.model_dump()
+    assert (again.family, again.mask_structure, again.noise_levels) == ("masked", "2:4", 4)
+
+

@@ -70,12 +70,14 @@ def test_task_data_is_what_the_script_builds() -> None:
         assert sorted(item["label"] for item in group) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dense_dlm_scores_above_chance_reproducibly(dlm, dense_cloze) -> None:
     accuracy, gold = dense_cloze
     assert accuracy >= 0.5  # chance is 0.25
     assert _cloze(*dlm) == (accuracy, gold)  # bit-identical: the masks depend on the seed and the tokens only
 
 
+@pytest.mark.slow
 def test_magnitude_pruned_dlm_scores_the_answers_lower(dlm, dense_cloze) -> None:
     model, tokenizer = dlm
     pruned = copy.deepcopy(model)
@@ -141,16 +143,45 @@ def test_ar_twin_scores_exact_next_token_likelihood_and_generates(ar) -> None:
     assert text == lm._stop(reference[0, ids.shape[1]:], [])
 
 
-def test_rolling_loglikelihood_is_the_elbo(dlm) -> None:
-    from sink_modifier.evaluation.perplexity import elbo_perplexity
+def test_rolling_loglikelihood_is_the_elbo_of_every_window_by_hand(dlm) -> None:
+    """The harness's whole-text score against the bound computed from direct forwards: its windows of
+    ``max_length`` tokens (each restarting from BOS), its mask id, MC samples and seed, and the sign and scale
+    lm-eval expects (a log-likelihood in nats of the whole text, averaged over MC samples). An empty text
+    scores 0."""
+    from sink_modifier.evaluation import perplexity
 
     model, tokenizer = dlm
-    text = "In the beginning God created the heaven and the earth."
-    lm = DiffusionLM(model, tokenizer, mc_samples=4)
+    text = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    lm = DiffusionLM(model, tokenizer, mc_samples=3, seed=5, max_length=12)
+    [score, empty] = lm.loglikelihood_rolling([_request(text), _request("")], disable_tqdm=True)
+    bos = model.config.bos_token_id
+    ids = tokenizer(text)["input_ids"]
+    ids = ids if ids[0] == bos else [bos, *ids]
+    windows = [torch.tensor([bos, *ids[1:][i : i + 11]]) for i in range(0, len(ids) - 1, 11)]
+    assert len(windows) >= 2 and all(len(w) <= 12 for w in windows)
+    total = 0.0
+    for _, j, t, masked in perplexity._noise(windows, 3, 5, bos):
+        clean = windows[j]
+        noisy = torch.where(masked, torch.full_like(clean, lm.mask_token_id), clean)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=noisy[None]).logits[0].double(), dim=-1)
+        total += float(-logp[masked, clean[masked]].sum() / t)
+    assert lm.mask_token_id == 4
+    assert score == pytest.approx(-total / 3, rel=1e-5)
+    assert empty == 0.0
+
+
+def test_rolling_loglikelihood_of_the_ar_twin_is_its_exact_likelihood(ar) -> None:
+    model, tokenizer = ar
+    text = "And Jacob went on his way, and the angels of God met him."
+    lm = DiffusionLM(model, tokenizer)
     [score] = lm.loglikelihood_rolling([_request(text)], disable_tqdm=True)
-    result = elbo_perplexity(model, [text], tokenizer=tokenizer, mask_token_id=4, num_mc_samples=4,
-                             max_length=512)
-    assert score == pytest.approx(-result.nll_per_token * result.num_tokens, rel=1e-9)
+    bos = model.config.bos_token_id
+    ids = tokenizer(text)["input_ids"]
+    tokens = torch.tensor(ids if ids[0] == bos else [bos, *ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=tokens[None, :-1]).logits[0].double(), dim=-1)
+    assert score == pytest.approx(float(logp[torch.arange(len(tokens) - 1), tokens[1:]].sum()), rel=1e-6)
 
 
 def test_refusal_is_one_line(diffusion_gemma_path) -> None:
@@ -167,6 +198,7 @@ def test_refusal_is_one_line(diffusion_gemma_path) -> None:
         DiffusionLM(torch.nn.Linear(1, 1), object(), mc_samples=0)
 
 
+@pytest.mark.slow
 def test_cli_prints_lm_evals_table(capsys) -> None:
     dlm = str(bundled_model_path("dlm"))
     assert main(["eval", dlm, "--tasks", "bundled_cloze", "--limit", "4", "--num-mc-samples", "1", "-q"]) == 0
@@ -174,6 +206,7 @@ def test_cli_prints_lm_evals_table(capsys) -> None:
     assert "|bundled_cloze|" in out and "|acc   |" in out and out.startswith("diffusion_lm (dlm, masked")
 
 
+@pytest.mark.slow
 def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     """``python -m sink_modifier.evaluation.harness`` with lm-eval's own flags, offline, from another directory."""
     dlm = bundled_model_path("dlm")
@@ -186,6 +219,7 @@ def test_module_entry_point_hands_arguments_to_lm_eval(tmp_path) -> None:
     assert "|bundled_cloze|" in done.stdout and "diffusion_lm" in done.stdout
 
 
+@pytest.mark.slow
 def test_module_entry_point_passes_an_explicit_argument_list(monkeypatch, capsys) -> None:
     """In-process ``harness.main(argv)``: lm-eval parses ``argv`` (no subcommand given: ``run`` is implied) while
     ``sys.argv`` stays the caller's, untouched, during the run too."""
@@ -208,6 +242,7 @@ def test_module_entry_point_passes_an_explicit_argument_list(monkeypatch, capsys
     assert during == [callers] and sys.argv is callers and callers == ["pytest", "--not-an-lm-eval-flag"]
 
 
+@pytest.mark.slow
 def test_diffusion_gemma_generates_through_its_own_generate(diffusion_gemma_path) -> None:
     lm = DiffusionLM(*load_model(str(diffusion_gemma_path), dtype="float32"))
     assert lm.family == "diffusion_gemma"

@@ -58,6 +58,7 @@ print(json.dumps({"exact": exact, "keys": len(saved), "logits_equal": bool(torch
 
 
 @pytest.mark.parametrize("name", ["llada", "dream"])
+@pytest.mark.slow
 def test_fresh_load_gives_the_saved_weights_and_the_published_forward(name, request):
     path = request.getfixturevalue(f"published_{name}")
     result = run_fresh(LOAD_AND_COMPARE, str(path))
@@ -71,6 +72,7 @@ def test_fresh_load_gives_the_saved_weights_and_the_published_forward(name, requ
         assert report["rotary_buffers"] == 2 * 3  # the base model's and each layer's, in both models
 
 
+@pytest.mark.slow
 def test_a_transformers_that_breaks_the_code_again_fails_with_one_line(published_llada, tmp_path):
     """Without the repair (as a future transformers could break the code in a new way) the loader names the
     model, the versions and the cause in one line, not a traceback."""
@@ -100,6 +102,7 @@ print("CLI", main(["run", sys.argv[1], "--trust-remote-code", "--recipe", sys.ar
     assert errors == [f"sink-prune run: error: {line.removeprefix('LOADERROR ')}"]  # one line, not "please report"
 
 
+@pytest.mark.slow
 def test_dream_hub_generation_code_runs(published_dream):
     """The Hub's generation_utils.py (DreamGenerationConfig.validate predates transformers 5) and its
     diffusion_generate, after loading through the loader: two new tokens, none of them a mask."""
@@ -168,6 +171,7 @@ print(json.dumps({"elbo_equal": got.sample_nlls == want.sample_nlls,
 """
 
 
+@pytest.mark.slow
 def test_dream_is_scored_with_its_shift(published_dream):
     """``sink-prune eval``'s ELBO and lm-eval's loglikelihood / rolling / generate_until read Dream's logits one
     position late, as its own generation code does."""

@@ -64,6 +64,7 @@ def published_moe(request, tmp_path_factory):
     return request.param, build(request.param, tmp_path_factory.mktemp("published_moe") / request.param)
 
 
+@pytest.mark.slow
 def test_fresh_load_gives_the_saved_weights_and_the_published_forward(published_moe):
     name, path = published_moe
     result = run_fresh(LOAD_AND_COMPARE, str(path))
@@ -115,6 +116,7 @@ def test_every_expert_sees_every_token_and_the_block_output_is_unchanged(publish
     assert set(rows.values()) == {tokens.numel()}, "every expert computes every token of the batch"
 
 
+@pytest.mark.slow
 def test_llada2_built_for_eager_attention_is_refused(tmp_path):
     path = build("llada2_moe", tmp_path / "llada2")
     model = load_model(path, trust_remote_code=True, dtype="float32", attn_implementation="eager")

@@ -30,6 +30,7 @@ def pruned(path, seed=0, pipeline="independent"):
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.slow
 def test_same_inputs_and_seed_give_identical_masks_and_reports(dlm_path, pipeline):
     (a, ra), (b, rb) = pruned(dlm_path, pipeline=pipeline), pruned(dlm_path, pipeline=pipeline)
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
@@ -56,6 +57,7 @@ def test_interrupted_save_leaves_no_output_directory(tmp_path):
     assert not list(tmp_path.iterdir()), "no staging directory is left behind"
 
 
+@pytest.mark.slow
 def test_existing_directory_keeps_other_files_and_gets_a_complete_checkpoint(dlm_path, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

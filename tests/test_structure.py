@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).parents[1] / "sink_modifier"
 MAX_LINES = 450
 
@@ -137,6 +139,7 @@ def test_the_layer_rule_catches_an_upward_import():
     assert upward == ["modifiers.x -> cli.main"]
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_loads_neither_evaluation_nor_the_command_line():
     """What ``import sink_modifier`` (and so every recipe) pulls in, measured in a fresh interpreter; it also
     leaves transformers' checkpoint-conversion table as it found it (no registration at import)."""

@@ -151,6 +151,7 @@ def reload_fresh(path) -> list:
 
 
 @pytest.mark.parametrize("pipeline", ["independent", "diffusion"])
+@pytest.mark.slow
 def test_oneshot_round_trip_reloads_without_the_package(dlm_path, tmp_path, pipeline):
     model, modifier = _prune(dlm_path, pipeline, sparsity=0.5, head_sparsity=0.5)
     summary = modifier.summary()
@@ -177,6 +178,7 @@ def test_sink_selection_none_and_magnitude_choose_differently(dlm_path):
 @pytest.mark.parametrize("pipeline, scheme, head_sparsity", [
     ("independent", "W4A16", 0.0), ("diffusion", "FP8", 0.5), ("independent", "FP8_DYNAMIC", 0.5),
 ])
+@pytest.mark.slow
 def test_combines_with_quantization(dlm_path, tmp_path, pipeline, scheme, head_sparsity):
     quantize = QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
     model, _ = _prune(dlm_path, pipeline, extra=[quantize], sparsity=0.5, head_sparsity=head_sparsity)
@@ -217,6 +219,7 @@ def test_llada_channels_shrink_and_reload(published_llada, tmp_path):
     assert reloaded.model.transformer.blocks[0].ff_out.in_features == 128
 
 
+@pytest.mark.slow
 def test_dream_channels_shrink_and_heads_are_refused(published_dream):
     """The Hub's Dream code: channels only (its code derives head_dim from the head count)."""
     from sink_modifier.loading.checkpoints import load_model as load_repaired

@@ -53,6 +53,8 @@ def test_import_registers_under_class_name():
         ("trajectory: reverse", "forward_noise"),
         ("sparsity_profile: owl", "not supported"),
         ("sparsty: 0.5", "Extra inputs are not permitted"),
+        ("owl_m: 5", "Extra inputs are not permitted"),
+        ("adapter: masked", "Extra inputs are not permitted"),
     ],
 )
 def test_invalid_recipe_fails_at_parse_time(fields, message):

@@ -98,7 +98,6 @@ class TrajectoryResult:
         summaries = [entry[2] for entry in entries]
         return {
             "family": family,
-            "adapter": family,  # the name before 0.2, kept for readers of older reports
             "trajectory": settings.trajectory,
             "settings": settings.model_dump(),
             "num_samples": len(samples),

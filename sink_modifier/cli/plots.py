@@ -75,7 +75,7 @@ class SinkDynamics:
         _, var = statistics.temporal_stats(sample.scores, valid)
         groups = report.get("groups") or result.layer_names
         return cls(
-            name=name, family=report.get("family", report.get("adapter")),
+            name=name, family=report["family"],
             trajectory=report.get("trajectory", "forward_noise"),
             layers=list(groups), scores=scores[order], step_labels=labels,
             temporal_variance=var.double().numpy(), mean_temporal_variance=np.stack(per_sample),

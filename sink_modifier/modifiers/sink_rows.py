@@ -9,15 +9,13 @@ the clean calibration rows) and scaling every token's input row by its sink row 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import active_session
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from sink_modifier import families
 from sink_modifier.calibration import handoff as calibration
@@ -54,21 +52,6 @@ class SinkRowWeighting(TrajectorySettings):
     _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _sequential_targets: list[str] = PrivateAttr(default_factory=list)
     _device_scales: tuple[tuple, torch.Tensor] | None = PrivateAttr(None)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _adapter_is_family(cls, values):
-        """``adapter`` was this field's name before 0.2; it is still read, with a warning."""
-        if isinstance(values, dict) and "adapter" in values:
-            values = dict(values)
-            old = values.pop("adapter")
-            if values.get("family", old) != old:
-                raise ValueError(f"adapter ({old!r}) and family ({values['family']!r}) disagree; keep family only")
-            values["family"] = old
-            message = f"{cls.__name__}: 'adapter' is deprecated; rename it to 'family'"
-            warnings.warn(message, DeprecationWarning, stacklevel=2)
-            logger.warning(message)
-        return values
 
     @field_validator("family")
     @classmethod

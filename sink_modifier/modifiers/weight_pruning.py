@@ -41,12 +41,9 @@ class SinkAwarePruningModifier(Modifier, SinkRowWeighting):
 
     requires_calibration_data: bool = True
     sparsity: float | list[float] = 0.5
-    sparsity_profile: str | None = None
-    # llm-compressor's pruning fields that recipes written for its Wanda / SparseGPT (and recipe.yaml files saved
-    # by earlier versions of this package) carry: accepted, with OWL refused below
-    owl_m: int | None = None
-    owl_lmbda: float | None = None
-    sequential_update: bool | None = True
+    # llm-compressor's Wanda / SparseGPT take ``sparsity_profile: owl``; a recipe ported from them gets the
+    # reason OWL is refused and what to write instead (below), not just "extra inputs are not permitted"
+    sparsity_profile: None = None
     mask_structure: str = "0:0"
     method: Literal["wanda", "sparsegpt"] = "wanda"
     # SparseGPT only
@@ -79,7 +76,7 @@ class SinkAwarePruningModifier(Modifier, SinkRowWeighting):
             raise ValueError(f"mask_structure {value!r}: N:M needs 0 < N < M (N zeros in every M weights)")
         return f"{n}:{m}"
 
-    @field_validator("sparsity_profile", "owl_m", "owl_lmbda", mode="before")
+    @field_validator("sparsity_profile", mode="before")
     @classmethod
     def _no_owl(cls, value):
         if value is not None:
