@@ -29,16 +29,14 @@ from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning.reap.utils import REAPSaliencyTracker
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr
 
 from sink_modifier import families
-from sink_modifier.calibration import handoff as calibration
-from sink_modifier.calibration.trajectory import TrajectorySettings
 from sink_modifier.compat import make_saveable
 from sink_modifier.errors import UserError
-from sink_modifier.families import Family, FamilyOptions
 from sink_modifier.families.moe import MoeBlock, RoutingLimits
-from sink_modifier.saving.report import SavePlan, save_plan
+from sink_modifier.modifiers.sink_rows import SinkFamilySettings
+from sink_modifier.saving.report import save_plan
 
 __all__ = ["SinkAwareExpertPruningModifier", "SinkWeightedSaliency"]
 
@@ -77,7 +75,7 @@ class SinkWeightedSaliency(REAPSaliencyTracker):
         return torch.where(weight > 0, total / weight.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
 
 
-class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
+class SinkAwareExpertPruningModifier(Modifier, SinkFamilySettings):
     """Remove ``sparsity`` of the routed experts of every MoE layer, least salient on the denoising states first.
 
     ```yaml
@@ -91,38 +89,13 @@ class SinkAwareExpertPruningModifier(Modifier, TrajectorySettings):
 
     requires_calibration_data: bool = True
     sparsity: float = Field(gt=0.0, lt=1.0)
-    family: str = "auto"
-    mask_token_id: int | None = Field(None, ge=0)
-    never_mask_token_ids: list[int] | None = None
 
-    _family: Family | None = PrivateAttr(None)
     _limits: RoutingLimits | None = PrivateAttr(None)
     _drop: int = PrivateAttr(0)
     _blocks: dict[str, MoeBlock] = PrivateAttr(default_factory=dict)
     _trackers: dict[str, SinkWeightedSaliency] = PrivateAttr(default_factory=dict)
     _pruned: dict[str, dict] = PrivateAttr(default_factory=dict)
-    _calibration: calibration.SinkCalibration | None = PrivateAttr(None)
-    _handed: calibration.SinkCalibration | None = PrivateAttr(None)  # the diffusion pipeline's, while it runs
-    _save: SavePlan | None = PrivateAttr(None)
     _group: object = PrivateAttr(None)
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, value):
-        if value != "auto" and value not in families.names():
-            raise ValueError(f"family must be auto or one of {families.names()} (got {value!r})")
-        return value
-
-    def trajectory_settings(self) -> TrajectorySettings:
-        return TrajectorySettings(**{k: getattr(self, k) for k in TrajectorySettings.model_fields})
-
-    def family_selection(self) -> tuple[str, FamilyOptions]:
-        never = None if self.never_mask_token_ids is None else tuple(self.never_mask_token_ids)
-        return self.family, FamilyOptions(mask_token_id=self.mask_token_id, never_mask_token_ids=never)
-
-    def receive_calibration(self, measured: calibration.SinkCalibration | None) -> None:
-        """The ``diffusion`` pipeline hands its calibration over before calibrating (and None after)."""
-        self._handed = measured
 
     # ---- lifecycle ----
 

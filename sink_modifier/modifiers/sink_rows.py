@@ -27,17 +27,13 @@ from sink_modifier.families import Family, FamilyOptions
 from sink_modifier.modifiers.scope import check_in_scope, never_pruned_ignore, planned_modules, protect_output_head
 from sink_modifier.saving.report import SavePlan, save_plan
 
-__all__ = ["SinkRowWeighting"]
+__all__ = ["SinkFamilySettings", "SinkRowWeighting"]
 
 
-class SinkRowWeighting(TrajectorySettings):
-    """Sink settings, scope and the row-weighting lifecycle of a sink-aware modifier (a mixin for a Modifier)."""
+class SinkFamilySettings(TrajectorySettings):
+    """The fields every sink-aware modifier shares (trajectory, family and its options) and the calibration the
+    ``diffusion`` pipeline hands it (a mixin for a Modifier)."""
 
-    # None: the model's decoder layers (the sequential targets), so the LM head and embeddings are never in
-    # scope whatever the model calls them.
-    targets: str | list[str] | None = None
-    # Routers (MoE expert choice) and vision towers are never pruned either.
-    ignore: list[str] = Field(default_factory=never_pruned_ignore)
     family: str = "auto"
     mask_token_id: int | None = Field(None, ge=0)
     # None: the family's default (a masked DLM's BOS and pad ids); [] lets the forward process mask every position
@@ -47,11 +43,6 @@ class SinkRowWeighting(TrajectorySettings):
     _calibration: calibration.SinkCalibration | None = PrivateAttr(None)
     _handed: calibration.SinkCalibration | None = PrivateAttr(None)  # the diffusion pipeline's, while it runs
     _save: SavePlan | None = PrivateAttr(None)
-    _report: dict | None = PrivateAttr(None)
-    _module_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
-    _sequential_targets: list[str] = PrivateAttr(default_factory=list)
-    _device_scales: tuple[tuple, torch.Tensor] | None = PrivateAttr(None)
 
     @field_validator("family")
     @classmethod
@@ -71,6 +62,22 @@ class SinkRowWeighting(TrajectorySettings):
     def receive_calibration(self, measured: calibration.SinkCalibration | None) -> None:
         """The ``diffusion`` pipeline hands its calibration over before calibrating (and None after)."""
         self._handed = measured
+
+
+class SinkRowWeighting(SinkFamilySettings):
+    """Scope and the row-weighting lifecycle of a sink-aware weight-pruning modifier (a mixin for a Modifier)."""
+
+    # None: the model's decoder layers (the sequential targets), so the LM head and embeddings are never in
+    # scope whatever the model calls them.
+    targets: str | list[str] | None = None
+    # Routers (MoE expert choice) and vision towers are never pruned either.
+    ignore: list[str] = Field(default_factory=never_pruned_ignore)
+
+    _report: dict | None = PrivateAttr(None)
+    _module_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _module_group: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    _sequential_targets: list[str] = PrivateAttr(default_factory=list)
+    _device_scales: tuple[tuple, torch.Tensor] | None = PrivateAttr(None)
 
     @property
     def report(self) -> dict | None:
