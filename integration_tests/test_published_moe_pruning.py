@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from sink_modifier import SinkAwareExpertPruningModifier, SinkAwarePruningModifier, families, load_model
 from sink_modifier.families.moe import MoeBlock
-from tests.published import run_fresh
+from tests.published import LOAD_SAVED, run_fresh
 from tests.published_moe import build, requires_published_moe_code
 
 pytestmark = requires_published_moe_code
@@ -111,18 +111,7 @@ def test_pruned_and_reloaded_with_its_own_code(published_moe, with_experts, tmp_
     assert report["exact"] and report["logits_difference"] <= 1e-5, report
 
 
-RELOAD = r"""
-import json, sys, torch
-from pathlib import Path
-from safetensors.torch import load_file
-import sink_modifier
-path = Path(sys.argv[1])
-model = sink_modifier.load_model(path, trust_remote_code=True, dtype="float32")
-saved = {}
-for shard in sorted(path.glob("*.safetensors")):
-    saved.update(load_file(shard))
-state = model.state_dict()
-exact = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+RELOAD = LOAD_SAVED + r"""
 with torch.no_grad():
     got = model(torch.arange(5, 37)[None]).logits
 print(json.dumps({"exact": exact, "logits_difference": float((got - torch.load(sys.argv[2])).abs().max())}))

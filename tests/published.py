@@ -168,3 +168,23 @@ def run_fresh(code: str, *args: str, timeout: int = 600) -> subprocess.Completed
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
+
+
+#: The start of every fresh-interpreter load check (``run_fresh(LOAD_SAVED + rest, checkpoint, ...)``): ``model``
+#: loaded by the package's loader from ``sys.argv[1]``, ``saved`` the checkpoint's tensors, ``exact`` whether the
+#: loaded state equals them bit for bit.
+LOAD_SAVED = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+import sink_modifier
+
+path = Path(sys.argv[1])
+model = sink_modifier.load_model(path, trust_remote_code=True, dtype="float32")
+saved = {}
+for shard in sorted(path.glob("*.safetensors")):
+    saved.update(load_file(shard))
+state = model.state_dict()
+exact = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+"""

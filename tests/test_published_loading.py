@@ -9,28 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.published import requires_published_code, run_fresh
+from tests.published import LOAD_SAVED, requires_published_code, run_fresh
 
 pytestmark = requires_published_code
 
 # Runs in a new interpreter: load, then compare with the saved tensors and with the published module's own
 # forward (a fresh instance of the checkpoint's class, its rotary frequencies set by hand to 1 / theta^(2i/d)).
-LOAD_AND_COMPARE = r"""
-import json, sys
-import torch
-from safetensors.torch import load_file
-from pathlib import Path
+LOAD_AND_COMPARE = LOAD_SAVED + r"""
 import transformers.modeling_rope_utils as rope
-
-import sink_modifier
-
-path = Path(sys.argv[1])
-model = sink_modifier.load_model(path, trust_remote_code=True, dtype="float32")
-saved = {}
-for shard in sorted(path.glob("*.safetensors")):
-    saved.update(load_file(shard))
-state = model.state_dict()
-exact = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
 
 config = model.config
 reference = type(model)(config)  # the published __init__ (no post_init for LLaDA: not needed to run it)

@@ -12,30 +12,16 @@ from llmcompressor.modeling.moe.context import moe_calibration_context
 from sink_modifier import families, load_model
 from sink_modifier.errors import UserError
 from sink_modifier.families.moe import RoutingLimits
-from tests.published import run_fresh
+from tests.published import LOAD_SAVED, run_fresh
 from tests.published_moe import SKIP_REASON, build, requires_published_moe_code
 
 pytestmark = requires_published_moe_code
 
 # A new interpreter: load, compare with the saved tensors and with a fresh instance of the checkpoint's own class
 # (rotary frequencies set by hand to 1 / theta^(2i/d) over the rotated part of each head).
-LOAD_AND_COMPARE = r"""
-import json, sys
-import torch
-from safetensors.torch import load_file
-from pathlib import Path
+LOAD_AND_COMPARE = LOAD_SAVED + r"""
 import transformers.modeling_rope_utils as rope
 from transformers.utils import import_utils
-
-import sink_modifier
-
-path = Path(sys.argv[1])
-model = sink_modifier.load_model(path, trust_remote_code=True, dtype="float32")
-saved = {}
-for shard in sorted(path.glob("*.safetensors")):
-    saved.update(load_file(shard))
-state = model.state_dict()
-exact = sorted(saved) == sorted(state) and all(torch.equal(saved[k], state[k]) for k in saved)
 config = model.config
 reference = type(model)(config)
 reference.load_state_dict(saved, strict=True)
