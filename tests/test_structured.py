@@ -361,6 +361,7 @@ def test_cli_run_eval_inspect_on_a_structured_checkpoint(capsys, dlm_path, tmp_p
                  "--max-seq-length", "48", "--output", str(output), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "parameters:" in out and "remain" in out  # the run summary says what structured pruning removed
+    assert "are zero" not in out  # and no "0.0% of the weights are zero" line for a run that zeroed nothing
     assert json.loads((output / "config.json").read_text())["intermediate_size"] == 128
     assert json.loads((output / "sink_report.json").read_text())["structured"]["heads"] == [4, 2]
     assert main(["eval", str(output), "--text-file", str(text), "--num-samples", "2", "--num-mc-samples", "2",

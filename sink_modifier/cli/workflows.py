@@ -327,11 +327,15 @@ def run_command(args: argparse.Namespace) -> int:
                 model, tokenizer, samples, recipe, staging, pipeline=args.pipeline,
                 max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)
         elapsed = time.perf_counter() - start
-    print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights outside "
-          "the LM head are zero")
-    if parameters != dense_parameters:  # structured pruning removed channels or heads
+    structured = parameters != dense_parameters  # whole channels, heads or experts removed
+    if fraction or not structured:
+        print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights "
+              "outside the LM head are zero")
+    else:
+        print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s")
+    if structured:
         print(f"parameters:  {parameters / 1e6:.2f}M of {dense_parameters / 1e6:.2f}M remain "
-              f"({parameters / dense_parameters:.1%}; whole MLP channels / attention heads removed)")
+              f"({parameters / dense_parameters:.1%}; whole MLP channels, attention heads or experts removed)")
     _print_checkpoint(args.output.expanduser(), model)  # as the user wrote it (``output`` is absolute)
     return 0
 
