@@ -175,6 +175,23 @@ def test_ablation_equals_plain_wanda_on_the_noised_states(dlm_path):
 # --------------------------------------------------------------------------- the command
 
 
+def test_compare_with_one_method_writes_its_table(capsys, dlm_path, tmp_path):
+    """One method leaves nothing to pair: the results, the markdown and the picture are still written."""
+    from sink_modifier.cli.main import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CALIBRATION_TEXTS) + "\n")
+    output = tmp_path / "compare"
+    code = main(["compare", str(dlm_path), "--methods", "wanda", "--sparsities", "0.5", "--draws", "2",
+                 "--num-samples", "2", "--max-seq-length", "32", "--text-file", str(text),
+                 "--eval-file", str(text), "--eval-documents", "2", "--num-mc-samples", "2",
+                 "--output", str(output), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((output / "results.json").read_text())
+    assert list(summary["methods"]) == ["wanda"] and summary["comparisons"] == []
+    assert (output / "table.png").stat().st_size > 1000
+
+
 def test_compare_command_on_a_toy_dlm(capsys, dlm_path, tmp_path):
     from sink_modifier.cli.main import main
 

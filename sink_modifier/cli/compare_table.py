@@ -178,12 +178,14 @@ def write_png(summary: dict, path: Path) -> None:
 
     first, second = table_rows(summary)
     width = max(8.0, 2.2 + 3.6 * (len(first[0]) - 1))
-    figure, axes = plt.subplots(2, 1, figsize=(width, 0.32 * (len(first) + len(second)) + 1.6),
-                                height_ratios=[len(first), len(second)])
     titles = [f"{Path(summary['setup']['model']).name}: {summary['setup']['metric']} (NLL − dense, nats/token: "
               f"mean ± spread over {len(summary['setup']['draws_run'])} draws)",
               "paired differences (negative: first is better); resolved only beyond the spread over draws"]
-    for ax, rows, title in zip(axes, (first, second), titles, strict=True):
+    # a table with only its header (one method: no pair to compare) is left out of the picture
+    tables = [(rows, title) for rows, title in zip((first, second), titles, strict=True) if len(rows) > 1]
+    figure, axes = plt.subplots(len(tables), 1, squeeze=False, height_ratios=[len(rows) for rows, _ in tables],
+                                figsize=(width, 0.32 * sum(len(rows) for rows, _ in tables) + 1.6))
+    for ax, (rows, title) in zip(axes[:, 0], tables, strict=True):
         ax.axis("off")
         ax.set_title(title, fontsize=9, loc="left")
         table = ax.table(cellText=rows[1:], colLabels=rows[0], loc="upper left", cellLoc="left")
