@@ -37,12 +37,16 @@ class SampleScales:
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # unpadded tokens, [G, T]
         self._batches: dict[int, torch.Tensor] = {}
         self._observed: dict[int, list[int]] = {}  # batch index -> the samples its rows are
+        # sample -> the first sample with the same tokens: a calibration text may repeat a row, and identical
+        # rows get identical scales (the trajectory is seeded by content), so they are one sample twice
+        self._first_equal: list[int] = []
 
     def add(self, row: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor, scales: torch.Tensor):
         """Register a collated ``row`` whose real tokens (``valid``) are ``tokens`` with ``scales`` [G, T]."""
         placed = torch.zeros(scales.shape[0], row.shape[0], dtype=scales.dtype)
         placed[:, valid] = scales
-        self._by_row[_key(row)] = (len(self._samples), placed)
+        first = self._by_row.setdefault(_key(row), (len(self._samples), placed))
+        self._first_equal.append(first[0])
         self._samples.append((tokens, scales))
 
     def __len__(self) -> int:
@@ -82,14 +86,15 @@ class SampleScales:
     def verify(self) -> None:
         """The pipeline calibrated on exactly the measured samples, each once (compat.same_draw_as_pipeline)."""
         seen = Counter(index for indices in self._observed.values() for index in indices)
-        if seen != Counter(range(len(self._samples))):
-            missing = len(self._samples) - len(seen)
+        expected = Counter(self._first_equal)
+        if seen != expected:
+            missing = sum((expected - seen).values())
             raise CalibrationMismatchError(
                 f"The sink pre-pass measured {len(self._samples)} calibration samples, but the pipeline fed "
                 f"{sum(seen.values())} rows ({missing} measured samples never came, "
-                f"{sum(n - 1 for n in seen.values())} came twice). The pipeline drew its calibration rows "
-                "differently from its dataloader's copy; pass shuffle_calibration_samples=False to oneshot or "
-                "a dataset of exactly num_calibration_samples rows"
+                f"{sum((seen - expected).values())} came more often than measured). The pipeline drew its "
+                "calibration rows differently from its dataloader's copy; pass shuffle_calibration_samples=False "
+                "to oneshot or a dataset of exactly num_calibration_samples rows"
             )
 
     def batch_scales(self, batch_idx: int, stream: str | None = None) -> torch.Tensor:
