@@ -188,7 +188,6 @@ def seed_everything(seed: int | None) -> None:
     set_seed(0 if seed is None else seed)
 
 
-
 # --------------------------------------------------------------------------- run
 
 
@@ -323,17 +322,14 @@ def run_command(args: argparse.Namespace) -> int:
                                "there is a network and pass that directory") from None
         else:
             samples = token_samples(args, tokenizer, source=source)
-            fraction, parameters = prune(
-                model, tokenizer, samples, recipe, staging, pipeline=args.pipeline,
+            fraction, parameters = prune(model, tokenizer, samples, recipe, staging, pipeline=args.pipeline,
                 max_seq_length=args.max_seq_length, trust_remote_code=args.trust_remote_code)
         elapsed = time.perf_counter() - start
-    structured = parameters != dense_parameters  # whole channels, heads or experts removed
-    if fraction or not structured:
-        print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s: {fraction:.1%} of the Linear weights "
-              "outside the LM head are zero")
-    else:
-        print(f"Pruned {display_name(args.model)} in {elapsed:.0f} s")
-    if structured:
+    shrunk = parameters != dense_parameters  # whole channels, heads or experts removed
+    head = f"Pruned {display_name(args.model)} in {elapsed:.0f} s"
+    zeros = f": {fraction:.1%} of the Linear weights outside the LM head are zero"
+    print(head if shrunk and not fraction else head + zeros)
+    if shrunk:
         print(f"parameters:  {parameters / 1e6:.2f}M of {dense_parameters / 1e6:.2f}M remain "
               f"({parameters / dense_parameters:.1%}; whole MLP channels, attention heads or experts removed)")
     _print_checkpoint(args.output.expanduser(), model)  # as the user wrote it (``output`` is absolute)
